@@ -1,0 +1,1 @@
+"""Text encoder, fusion, hybrid-expert adaptor and CTR models. Not built yet (issue 6)."""

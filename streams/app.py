@@ -1,0 +1,139 @@
+"""The Faust app of the stream worker: topics, RocksDB tables and the UBSP agent.
+
+Records are read as raw bytes and validated by `streams.records`, so a bad record is
+dead-lettered with its reason instead of crashing Faust's deserializer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import faust
+
+from liber.settings import Settings
+from ops import metrics
+from streams import dead_letter, partitioner
+from streams.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item, PartitionEvent,
+                             decode)
+from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, dlq
+
+log = logging.getLogger("liber.stream")
+
+
+def faust_broker_options(settings: Settings) -> dict:
+    """Broker URL list and credentials in Faust's spelling."""
+    opts: dict = {"broker": [f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")]}
+    if settings.security_protocol.startswith("SASL"):
+        opts["broker_credentials"] = faust.SASLCredentials(
+            username=settings.sasl_username, password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=_ssl_context(settings) if settings.security_protocol == "SASL_SSL" else None)
+    elif settings.security_protocol == "SSL":
+        opts["broker_credentials"] = faust.SSLCredentials(_ssl_context(settings))
+    return opts
+
+
+def _ssl_context(settings: Settings):
+    import ssl
+    return ssl.create_default_context(cafile=settings.ssl_cafile or None)
+
+
+def create_app(settings: Settings) -> faust.App:
+    app = faust.App(
+        settings.app_id,
+        store="rocksdb://",
+        datadir=str(settings.state_path / settings.app_id),
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        producer_acks=-1,
+        **faust_broker_options(settings),
+    )
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+               partitions=settings.topic_partitions)
+    behaviors = app.topic(settings.topic(BEHAVIORS), **raw)
+    items = app.topic(settings.topic(ITEMS), **raw)
+    closed_topic = app.topic(settings.topic(PARTITIONS_CLOSED), **raw)
+    dlqs = {name: app.topic(settings.topic(dlq(name)), **raw) for name in (BEHAVIORS, ITEMS)}
+
+    # Item text for prompts, replicated to every worker (a global table fed by the items agent).
+    item_text = app.GlobalTable("item-text", partitions=settings.topic_partitions,
+                                key_type=bytes, value_type=bytes)
+    # Per-user UBSP state; `use_partitioner` keeps the changelog partition equal to the
+    # behaviours partition of the same user key (both use Kafka's murmur2 partitioner).
+    user_state = app.Table("ubsp-state", partitions=settings.topic_partitions, use_partitioner=True,
+                           key_type=bytes)  # values: JSON dicts (see streams.partitioner)
+    rules = partitioner.CloseRules.from_settings(settings)
+
+    def dead_letter_send(name: str, event, reason: str, detail: str) -> None:
+        msg = event.message
+        metrics.DEAD_LETTERED.labels(topic=name, reason=reason).inc()
+        log.warning("dead-letter topic=%s partition=%s offset=%s reason=%s detail=%s",
+                    msg.topic, msg.partition, msg.offset, reason, detail[:200])
+        dlqs[name].send_soon(key=msg.key, value=msg.value, headers=dead_letter.headers(
+            reason, detail, topic=msg.topic, partition=msg.partition, offset=msg.offset))
+
+    def publish(closed: partitioner.Closed) -> None:
+        events = []
+        for event_id, item_id, action, ts, value in closed.events:
+            text = item_text.get(item_id.encode())
+            events.append(PartitionEvent(event_id, item_id, action, ts, value,
+                                         text.decode("utf-8") if text else f"item {item_id}"))
+        record = ClosedPartition(closed.user_id, closed.seq, tuple(events), closed.start_ts,
+                                 closed.end_ts, closed.reason)
+        closed_topic.send_soon(key=closed.user_id.encode(), value=record.encode())
+        metrics.PARTITIONS_CLOSED.labels(rule=closed.reason).inc()
+
+    @app.agent(items)
+    async def load_items(stream):
+        async for event in stream.events():
+            try:
+                item = decode(Item, event.message.value, key=event.message.key,
+                              max_bytes=settings.max_payload_bytes)
+            except InvalidRecord as exc:
+                dead_letter_send(ITEMS, event, exc.reason, exc.detail)
+                continue
+            item_text[item.item_id.encode()] = item.text().encode("utf-8")
+            metrics.ITEMS_LOADED.inc()
+
+    def handle(event, now: float) -> None:
+        try:
+            record = decode(BehaviorEvent, event.message.value, key=event.message.key,
+                            max_bytes=settings.max_payload_bytes)
+            record.check_time(max_future_s=settings.max_future_s, now=now)
+        except InvalidRecord as exc:
+            dead_letter_send(BEHAVIORS, event, exc.reason, exc.detail)
+            return
+        key = record.user_id.encode()
+        state = user_state.get(key) or partitioner.new_state()
+        outcome, closed = partitioner.add_event(state, record.user_id, record.event_id,
+                                                record.item_id, record.action, record.ts,
+                                                record.value, rules)
+        if outcome == partitioner.LATE:
+            dead_letter_send(BEHAVIORS, event, "late",
+                             f"ts={record.ts} older than watermark-{rules.max_lateness_s}s")
+            return
+        if outcome == partitioner.ACCEPTED:
+            user_state[key] = state
+            for part in closed:
+                publish(part)
+        metrics.EVENTS_PROCESSED.labels(outcome=outcome).inc()
+
+    @app.agent(behaviors)
+    async def ubsp(stream):
+        async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            now = time.time()
+            for event in batch:
+                # Faust's RocksDB store files a write under the *current* event's partition:
+                # make it the event in hand, not the last of the batch.
+                stream._set_current_event(event)
+                metrics.EVENTS_IN.inc()
+                try:
+                    handle(event, now)
+                except Exception as exc:  # a bug must not stop the agent: park the record
+                    log.exception("processing failed")
+                    dead_letter_send(BEHAVIORS, event, "processing_error", repr(exc))
+
+    app.liber_tables = {"user_state": user_state, "item_text": item_text}
+    return app

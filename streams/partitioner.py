@@ -1,0 +1,103 @@
+"""UBSP: cut one user's behaviour stream into partitions. Pure logic, no Kafka, no I/O.
+
+A user's state is a small JSON-able dict (it lives in a RocksDB-backed Faust table):
+
+    {"seq": next partition number, "events": open cache [[event_id, item_id, action, ts, value]],
+     "recent": last event ids (duplicate filter), "watermark": max event time seen}
+
+Close rules, checked in this order, any one closes (the reason is recorded):
+  max_gap   - the new event comes more than `max_gap_s` after the cache's last event: the cache
+              closes *before* the new event, which starts the next cache;
+  max_span  - the new event comes more than `max_span_s` after the cache's first event: same;
+  max_events- after adding, the cache holds `max_events` events: it closes *with* the event.
+Lateness: an event older than the user's watermark minus `max_lateness_s` is `late` (the caller
+dead-letters it); a less late one joins the open cache (partitions keep events in time order).
+Duplicates: an `event_id` among the last `dedup_window` ids of the user is counted once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACCEPTED, DUPLICATE, LATE = "accepted", "duplicate", "late"
+
+
+@dataclass(frozen=True)
+class CloseRules:
+    max_events: int = 20
+    max_gap_s: float = 6 * 3600.0
+    max_span_s: float = 30 * 24 * 3600.0
+    max_lateness_s: float = 3600.0
+    dedup_window: int = 64
+
+    @classmethod
+    def from_settings(cls, settings) -> "CloseRules":
+        return cls(max_events=settings.max_events, max_gap_s=settings.max_gap_s,
+                   max_span_s=settings.max_span_s, max_lateness_s=settings.max_lateness_s,
+                   dedup_window=settings.dedup_window)
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A partition that just closed: events are [event_id, item_id, action, ts, value] rows."""
+    user_id: str
+    seq: int
+    events: list
+    reason: str
+
+    @property
+    def start_ts(self) -> float:
+        return self.events[0][3]
+
+    @property
+    def end_ts(self) -> float:
+        return self.events[-1][3]
+
+
+def new_state() -> dict:
+    return {"seq": 0, "events": [], "recent": [], "watermark": None}
+
+
+def _close(user_id: str, state: dict, reason: str) -> Closed:
+    events = sorted(state["events"], key=lambda e: e[3])  # stable: arrival order on ties
+    closed = Closed(user_id, state["seq"], events, reason)
+    state["seq"] += 1
+    state["events"] = []
+    return closed
+
+
+def add_event(state: dict, user_id: str, event_id: str, item_id: str, action: str, ts: float,
+              value: float | None, rules: CloseRules) -> tuple[str, list[Closed]]:
+    """Apply one event to `state` in place; returns (outcome, partitions closed by it)."""
+    if event_id in state["recent"] or any(e[0] == event_id for e in state["events"]):
+        return DUPLICATE, []
+    watermark = state["watermark"]
+    if watermark is not None and ts < watermark - rules.max_lateness_s:
+        return LATE, []
+    closed: list[Closed] = []
+    cache = state["events"]
+    if cache:
+        if ts - max(e[3] for e in cache) > rules.max_gap_s:
+            closed.append(_close(user_id, state, "max_gap"))
+        elif ts - min(e[3] for e in cache) > rules.max_span_s:
+            closed.append(_close(user_id, state, "max_span"))
+    state["events"].append([event_id, item_id, action, ts, value])
+    state["watermark"] = ts if watermark is None else max(watermark, ts)
+    recent = state["recent"]
+    recent.append(event_id)
+    if len(recent) > rules.dedup_window:
+        del recent[: len(recent) - rules.dedup_window]
+    if len(state["events"]) >= rules.max_events:
+        closed.append(_close(user_id, state, "max_events"))
+    return ACCEPTED, closed
+
+
+def sweep(state: dict, user_id: str, now_event_time: float, rules: CloseRules) -> Closed | None:
+    """Close a quiet user's cache once event time has moved past its gap or span limit."""
+    cache = state["events"]
+    if not cache:
+        return None
+    if now_event_time - max(e[3] for e in cache) > rules.max_gap_s:
+        return _close(user_id, state, "max_gap")
+    if now_event_time - min(e[3] for e in cache) > rules.max_span_s:
+        return _close(user_id, state, "max_span")
+    return None

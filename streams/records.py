@@ -1,0 +1,331 @@
+"""Record contracts for every LIBER-Stream topic (DESIGN.md section 3).
+
+Each record is JSON with a `schema` field `"<name>/<version>"`. `decode()` turns raw bytes
+into a record or raises `InvalidRecord` with a short machine-readable `reason` (it becomes a
+dead-letter header) and a human `detail`. Nothing here talks to Kafka.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+ACTIONS = frozenset({"rate", "click", "view", "play", "purchase", "like", "skip"})
+MAX_ID_LEN = 256
+MAX_TEXT_LEN = 2048
+
+
+class InvalidRecord(ValueError):
+    """A record that must go to the dead-letter topic; `reason` is a short token."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --- field checks -----------------------------------------------------------------------
+def _str(data: dict, name: str, *, max_len: int = MAX_ID_LEN, required: bool = True) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidRecord("missing_field", f"{name} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidRecord("wrong_type", f"{name} must be a string, got {type(value).__name__}")
+    value = str(value)
+    if required and not value.strip():
+        raise InvalidRecord("invalid_value", f"{name} must not be empty")
+    if len(value) > max_len:
+        raise InvalidRecord("oversize", f"{name} longer than {max_len} characters")
+    if any(ord(c) < 32 and c not in "\t\n" for c in value) or "\x7f" in value:
+        raise InvalidRecord("invalid_value", f"{name} contains control characters")
+    return value
+
+
+def _num(data: dict, name: str, *, required: bool = True, integer: bool = False) -> float | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidRecord("missing_field", f"{name} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRecord("wrong_type", f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidRecord("invalid_value", f"{name} must be finite")
+    if integer and value != int(value):
+        raise InvalidRecord("wrong_type", f"{name} must be an integer")
+    return int(value) if integer else float(value)
+
+
+def _dict(data: dict, name: str) -> dict:
+    value = data.get(name, {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRecord("wrong_type", f"{name} must be an object")
+    return value
+
+
+def _list(data: dict, name: str) -> list:
+    value = data.get(name)
+    if value is None:
+        raise InvalidRecord("missing_field", f"{name} is required")
+    if not isinstance(value, list):
+        raise InvalidRecord("wrong_type", f"{name} must be a list")
+    return value
+
+
+# --- base ----------------------------------------------------------------------------------
+class Record:
+    SCHEMA: ClassVar[str]
+    VERSION: ClassVar[int]
+
+    @classmethod
+    def schema_id(cls) -> str:
+        return f"{cls.SCHEMA}/{cls.VERSION}"
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema_id(), **asdict(self)}
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Record":  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def parse_json(raw: bytes | None, *, max_bytes: int) -> dict:
+    """Bytes -> JSON object, with the dead-letter reason on failure."""
+    if raw is None or len(raw) == 0:
+        raise InvalidRecord("empty_value", "record has no value")
+    if len(raw) > max_bytes:
+        raise InvalidRecord("oversize", f"{len(raw)} bytes > max_payload_bytes={max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRecord("invalid_utf8", str(exc)) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except InvalidRecord:
+        raise
+    except ValueError as exc:
+        raise InvalidRecord("malformed_json", str(exc)) from None
+    if not isinstance(data, dict):
+        raise InvalidRecord("wrong_type", f"top level must be an object, got {type(data).__name__}")
+    return data
+
+
+def _reject_constant(name: str) -> None:
+    raise InvalidRecord("invalid_value", f"{name} is not allowed")
+
+
+def decode(cls: type[Record], raw: bytes | None, *, key: bytes | None = None,
+           max_bytes: int = 64 * 1024) -> Record:
+    """Parse and validate one record of type `cls`; raises InvalidRecord."""
+    data = parse_json(raw, max_bytes=max_bytes)
+    schema = data.get("schema", cls.schema_id())
+    if not isinstance(schema, str) or "/" not in schema:
+        raise InvalidRecord("schema", f"schema must be '{cls.SCHEMA}/<version>'")
+    name, _, version = schema.partition("/")
+    if name != cls.SCHEMA:
+        raise InvalidRecord("schema", f"expected {cls.SCHEMA}, got {name}")
+    if not version.isdigit() or int(version) > cls.VERSION:
+        raise InvalidRecord("schema_version",
+                            f"version {version} not supported (newest {cls.VERSION})")
+    record = cls.from_dict(data)
+    key_field = getattr(cls, "KEY_FIELD", None)
+    if key_field:
+        if not key:
+            raise InvalidRecord("missing_key", "record has no Kafka key")
+        if key.decode("utf-8", "replace") != getattr(record, key_field):
+            raise InvalidRecord("key_mismatch", f"key does not match {key_field}")
+    return record
+
+
+# --- topic records --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BehaviorEvent(Record):
+    """`behaviors`: one user action on one item. `ts` is event time in epoch seconds."""
+    SCHEMA: ClassVar[str] = "behavior"
+    VERSION: ClassVar[int] = 1
+    KEY_FIELD: ClassVar[str] = "user_id"
+
+    event_id: str
+    user_id: str
+    item_id: str
+    action: str
+    ts: float
+    value: float | None = None
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:  # hot path of replay: skip dataclasses.asdict's deep copy
+        return {"schema": "behavior/1", "event_id": self.event_id, "user_id": self.user_id,
+                "item_id": self.item_id, "action": self.action, "ts": self.ts,
+                "value": self.value, "attrs": self.attrs}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BehaviorEvent":
+        action = _str(data, "action", max_len=32)
+        if action not in ACTIONS:
+            raise InvalidRecord("unknown_action", f"{action!r} not in {sorted(ACTIONS)}")
+        ts = _num(data, "ts")
+        if ts < 0:
+            raise InvalidRecord("negative_timestamp", f"ts={ts}")
+        attrs = _dict(data, "attrs")
+        if len(attrs) > 32 or not all(isinstance(k, str) and isinstance(v, str) and
+                                      len(v) <= MAX_ID_LEN for k, v in attrs.items()):
+            raise InvalidRecord("invalid_value", "attrs must be at most 32 short string pairs")
+        return cls(event_id=_str(data, "event_id"), user_id=_str(data, "user_id"),
+                   item_id=_str(data, "item_id"), action=action, ts=ts,
+                   value=_num(data, "value", required=False), attrs=attrs)
+
+    def check_time(self, *, max_future_s: float, now: float | None = None) -> None:
+        """Reject far-future event times (clock bugs would break event-time rules)."""
+        now = time.time() if now is None else now
+        if self.ts > now + max_future_s:
+            raise InvalidRecord("future_timestamp", f"ts={self.ts} is more than {max_future_s}s ahead")
+
+
+@dataclass(frozen=True)
+class Item(Record):
+    """`items` (compacted, key item_id): catalogue text used in prompts."""
+    SCHEMA: ClassVar[str] = "item"
+    VERSION: ClassVar[int] = 1
+    KEY_FIELD: ClassVar[str] = "item_id"
+
+    item_id: str
+    title: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Item":
+        return cls(item_id=_str(data, "item_id"), title=_str(data, "title", max_len=MAX_TEXT_LEN),
+                   attributes=_dict(data, "attributes"))
+
+    def text(self) -> str:
+        """Prompt text: title plus attributes, e.g. `Heat (1995) [Action|Crime]`."""
+        genres = self.attributes.get("genres")
+        return f"{self.title} [{'|'.join(genres)}]" if genres else self.title
+
+
+@dataclass(frozen=True)
+class PartitionEvent:
+    """One event inside a closed partition, with the item text joined in."""
+    event_id: str
+    item_id: str
+    action: str
+    ts: float
+    value: float | None
+    text: str
+
+
+@dataclass(frozen=True)
+class ClosedPartition(Record):
+    """`partitions.closed`: an immutable UBSP partition; idempotent on (user_id, seq)."""
+    SCHEMA: ClassVar[str] = "partition"
+    VERSION: ClassVar[int] = 1
+    KEY_FIELD: ClassVar[str] = "user_id"
+
+    user_id: str
+    seq: int
+    events: tuple[PartitionEvent, ...]
+    start_ts: float
+    end_ts: float
+    reason: str
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["events"] = [asdict(e) for e in self.events]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClosedPartition":
+        events = []
+        for raw in _list(data, "events"):
+            if not isinstance(raw, dict):
+                raise InvalidRecord("wrong_type", "events must be objects")
+            events.append(PartitionEvent(
+                event_id=_str(raw, "event_id"), item_id=_str(raw, "item_id"),
+                action=_str(raw, "action", max_len=32), ts=_num(raw, "ts"),
+                value=_num(raw, "value", required=False),
+                text=_str(raw, "text", max_len=MAX_TEXT_LEN, required=False) or ""))
+        if not events:
+            raise InvalidRecord("invalid_value", "a partition has at least one event")
+        return cls(user_id=_str(data, "user_id"), seq=_num(data, "seq", integer=True),
+                   events=tuple(events), start_ts=_num(data, "start_ts"),
+                   end_ts=_num(data, "end_ts"), reason=_str(data, "reason", max_len=32))
+
+
+@dataclass(frozen=True)
+class Summary(Record):
+    """`summaries`: one LLM result per closed partition."""
+    SCHEMA: ClassVar[str] = "summary"
+    VERSION: ClassVar[int] = 1
+    KEY_FIELD: ClassVar[str] = "user_id"
+
+    user_id: str
+    seq: int
+    partition_summary: str
+    shift: str
+    cascaded_summary: str
+    tokens_in: int
+    tokens_out: int
+    backend: str
+    model: str
+    latency_s: float
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Summary":
+        text = dict(max_len=16 * MAX_TEXT_LEN)
+        return cls(user_id=_str(data, "user_id"), seq=_num(data, "seq", integer=True),
+                   partition_summary=_str(data, "partition_summary", **text),
+                   shift=_str(data, "shift", required=False, **text) or "",
+                   cascaded_summary=_str(data, "cascaded_summary", **text),
+                   tokens_in=_num(data, "tokens_in", integer=True),
+                   tokens_out=_num(data, "tokens_out", integer=True),
+                   backend=_str(data, "backend"), model=_str(data, "model"),
+                   latency_s=_num(data, "latency_s"))
+
+
+@dataclass(frozen=True)
+class InterestVector(Record):
+    """`user-interests` (compacted): the dense vector rankers read; version = seq."""
+    SCHEMA: ClassVar[str] = "interest"
+    VERSION: ClassVar[int] = 1
+    KEY_FIELD: ClassVar[str] = "user_id"
+
+    user_id: str
+    version: int
+    vector: tuple[float, ...]
+    dim: int
+    model_version: str
+    produced_at: float
+    event_watermark: float
+    collective: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InterestVector":
+        vector = _list(data, "vector")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in vector):
+            raise InvalidRecord("invalid_value", "vector must hold finite numbers")
+        dim = _num(data, "dim", integer=True)
+        if dim != len(vector):
+            raise InvalidRecord("invalid_value", f"dim={dim} but vector has {len(vector)} values")
+        return cls(user_id=_str(data, "user_id"), version=_num(data, "version", integer=True),
+                   vector=tuple(float(v) for v in vector), dim=dim,
+                   model_version=_str(data, "model_version"),
+                   produced_at=_num(data, "produced_at"),
+                   event_watermark=_num(data, "event_watermark"),
+                   collective=bool(data.get("collective", False)))
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    "behaviors": BehaviorEvent, "items": Item, "partitions.closed": ClosedPartition,
+    "summaries": Summary, "user-interests": InterestVector,
+}

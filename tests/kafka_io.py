@@ -1,0 +1,41 @@
+"""Test helpers that read topics back from the real broker."""
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+
+from liber.settings import Settings
+
+
+def read_topic(settings: Settings, logical: str, *, expect: int | None = None,
+               timeout: float = 60.0, idle: float = 2.0) -> list:
+    """All records of a topic from the beginning: until `expect` arrived, or `idle` seconds
+    pass without a new one (when `expect` is None), or `timeout`."""
+    name = settings.topic(logical)
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
+                             enable_auto_commit=False, consumer_timeout_ms=200)
+    try:
+        deadline = time.monotonic() + timeout
+        partitions = None
+        while partitions is None and time.monotonic() < deadline:
+            partitions = consumer.partitions_for_topic(name)
+            if partitions is None:
+                time.sleep(0.2)
+        if partitions is None:
+            return []
+        consumer.assign([TopicPartition(name, p) for p in partitions])
+        consumer.seek_to_beginning()
+        records, last_new = [], time.monotonic()
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+                last_new = time.monotonic()
+            if expect is not None and len(records) >= expect:
+                break
+            if expect is None and time.monotonic() - last_new > idle:
+                break
+        return records
+    finally:
+        consumer.close()

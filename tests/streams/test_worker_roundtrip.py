@@ -1,0 +1,107 @@
+"""produce -> stream worker -> partitions.closed / behaviors.dlq, through the real broker."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streams.dead_letter import REASON, SOURCE_TOPIC
+from streams.producer import BehaviorProducer
+from streams.records import BehaviorEvent, ClosedPartition, Item, decode
+from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
+from tests.kafka_io import read_topic
+
+pytestmark = pytest.mark.kafka
+T0 = 1_000_000_000.0
+
+
+def event(eid: str, user: str, item: str, ts: float, **kw) -> BehaviorEvent:
+    return BehaviorEvent(event_id=eid, user_id=user, item_id=item, action="rate", ts=ts,
+                         value=4.0, **kw)
+
+
+def good(user: str = "u9") -> dict:
+    return {"schema": "behavior/1", "event_id": "bad", "user_id": user, "item_id": "i1",
+            "action": "rate", "ts": T0, "value": 1.0}
+
+
+def as_bytes(data: dict) -> bytes:
+    return json.dumps(data).encode()
+
+
+# (description, key, value, expected reason)
+BAD_INPUT = [
+    ("truncated json", b"u9", as_bytes(good())[:-7], "malformed_json"),
+    ("invalid utf-8", b"u9", b'{"user_id": "\xff\xfe"}', "invalid_utf8"),
+    ("wrong type", b"u9", as_bytes({**good(), "ts": "yesterday"}), "wrong_type"),
+    ("missing user_id", b"u9", as_bytes({k: v for k, v in good().items() if k != "user_id"}),
+     "missing_field"),
+    ("unknown action", b"u9", as_bytes({**good(), "action": "teleport"}), "unknown_action"),
+    ("negative ts", b"u9", as_bytes({**good(), "ts": -5}), "negative_timestamp"),
+    ("far-future ts", b"u9", as_bytes({**good(), "ts": 4_102_444_800.0}), "future_timestamp"),
+    ("oversize", b"u9", as_bytes({**good(), "attrs": {"x": "y" * 200}, "pad": "z" * 70_000}),
+     "oversize"),
+    ("no key", None, as_bytes(good()), "missing_key"),
+    ("key mismatch", b"someone-else", as_bytes({**good(), "event_id": "km"}), "key_mismatch"),
+    ("schema from the future", b"u9", as_bytes({**good(), "schema": "behavior/99"}),
+     "schema_version"),
+    ("NaN value", b"u9", as_bytes(good()).replace(b'"value": 1.0', b'"value": NaN'),
+     "invalid_value"),
+    ("not an object", b"u9", b"[1, 2, 3]", "wrong_type"),
+    ("empty value", b"u9", b"", "empty_value"),
+    ("control characters", b"u9", as_bytes({**good(), "item_id": "i\x00\x07"}), "invalid_value"),
+]
+
+
+def test_roundtrip_closes_partitions_and_dead_letters_bad_input(settings, start_worker):
+    settings = settings.replace(max_events=3, max_gap_s=3600.0)
+    create_topics(settings, log=lambda m: None)
+    worker = start_worker(settings)
+    with BehaviorProducer(settings) as producer:
+        producer.send_item(Item("i1", "Heat (1995)", {"genres": ["Action", "Crime"]}))
+        producer.send_item(Item("i2", "Babe (1995)", {"genres": ["Children's", "Comedy"]}))
+        producer.send_raw("items", b"i3", b"{not json")
+    worker.wait_metric("liber_items_loaded_total", 2)
+
+    good_events = [event(f"a{i}", "u1", "i1" if i % 2 else "i2", T0 + 60 * i) for i in range(7)]
+    good_events += [event("b0", "u2", "i1", T0), event("b1", "u2", "i2", T0 + 60),
+                    event("b2", "u2", "i1", T0 + 60 + 7200)]  # gap > max_gap closes [b0, b1]
+    with BehaviorProducer(settings) as producer:
+        for ev in good_events:
+            producer.send(ev)
+        producer.send(good_events[0])  # a producer retry: same event id again
+        for _, key, value, _ in BAD_INPUT:
+            producer.send_raw(BEHAVIORS, key, value)
+    total = len(good_events) + 1 + len(BAD_INPUT)
+    worker.wait_metric("liber_events_in_total", total)
+
+    closed = [decode(ClosedPartition, r.value, key=r.key)
+              for r in read_topic(settings, PARTITIONS_CLOSED, expect=3)]
+    by_key = {(p.user_id, p.seq): p for p in closed}
+    assert sorted(by_key) == [("u1", 0), ("u1", 1), ("u2", 0)]
+    assert [e.event_id for e in by_key["u1", 0].events] == ["a0", "a1", "a2"]
+    assert [e.event_id for e in by_key["u1", 1].events] == ["a3", "a4", "a5"]
+    assert by_key["u1", 0].reason == "max_events"
+    assert [e.event_id for e in by_key["u2", 0].events] == ["b0", "b1"]
+    assert by_key["u2", 0].reason == "max_gap"
+    assert by_key["u1", 0].events[1].text == "Heat (1995) [Action|Crime]"
+
+    dead = read_topic(settings, dlq(BEHAVIORS), expect=len(BAD_INPUT))
+    assert len(dead) == len(BAD_INPUT)
+    reasons = {}
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers[SOURCE_TOPIC].decode() == settings.topic(BEHAVIORS)
+        reasons[record.value] = headers[REASON].decode()
+    assert len({value for _, _, value, _ in BAD_INPUT}) == len(BAD_INPUT)
+    for description, _, value, reason in BAD_INPUT:
+        assert reasons.get(value) == reason, description
+
+    item_dead = read_topic(settings, dlq("items"), expect=1)
+    assert [dict(r.headers)[REASON] for r in item_dead] == [b"malformed_json"]
+
+    processed = worker.metric("liber_events_processed_total")
+    dead_lettered = worker.metric("liber_dead_lettered_total", topic="behaviors")
+    assert worker.metric("liber_events_in_total") == processed + dead_lettered == total
+    assert worker.metric("liber_events_processed_total", outcome="duplicate") == 1
+    assert worker.proc.poll() is None, "the worker must keep running after bad input"
