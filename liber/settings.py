@@ -61,6 +61,8 @@ class Settings:
     # --- worker ------------------------------------------------------------------
     batch_size: int = field(default=500, metadata={"help": "events taken from the stream per batch"})
     batch_within_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
+    # --- LLM workers (UIL) ---------------------------------------------------------
+    # --- DARE decoding ---------------------------------------------------------------
     # --- ops ---------------------------------------------------------------------
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus port; 0 disables"})
