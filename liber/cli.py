@@ -79,6 +79,27 @@ def cmd_models(settings: Settings, args) -> int:
     return 0
 
 
+def bench_stream(settings: Settings, args) -> dict:
+    from streams.bench_stream import run
+    return run(settings, dataset=args.dataset or "ml-1m", limit=args.limit,
+               log=lambda m: print(m, file=sys.stderr))
+
+
+def bench_dare(settings: Settings, args) -> dict:
+    from llm_workers.dare.bench import run
+    return run(args, settings)
+
+
+# Benchmark name -> function(settings, args) returning the JSON-able result.
+BENCHMARKS = {"stream": bench_stream, "dare": bench_dare}
+
+
+def cmd_bench(settings: Settings, args) -> int:
+    result = BENCHMARKS[args.benchmark](settings, args)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def cmd_config(settings: Settings, args) -> int:
     print(json.dumps(settings.summary(), indent=2, default=str))
     return 0
@@ -124,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="prepare the bundled models (SmolLM2 float copy)")
     p.add_argument("action", choices=["fetch"])
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
+    p.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"])
+    p.add_argument("--limit", type=int, help="only the first N events")
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    from llm_workers.dare.bench import add_arguments as dare_arguments  # stdlib-only import
+    dare_arguments(p.add_argument_group("dare (retrieval-pool speculative decoding)"))
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)

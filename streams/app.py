@@ -48,6 +48,10 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         producer_acks=-1,
+        # Batch outgoing changelog and output records instead of one request per record.
+        producer_linger=0.02,
+        producer_max_batch_size=512 * 1024,
+        stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
         **faust_broker_options(settings),
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -74,12 +78,22 @@ def create_app(settings: Settings) -> faust.App:
         dlqs[name].send_soon(key=msg.key, value=msg.value, headers=dead_letter.headers(
             reason, detail, topic=msg.topic, partition=msg.partition, offset=msg.offset))
 
+    # Global-table reads probe every RocksDB partition; titles almost never change, so keep
+    # the ones found in memory (bounded by the catalogue size).
+    text_cache: dict[str, str] = {}
+
+    def text_of(item_id: str) -> str:
+        text = text_cache.get(item_id)
+        if text is None:
+            stored = item_text.get(item_id.encode())
+            if stored is None:
+                return f"item {item_id}"  # not (yet) in the catalogue: do not cache the miss
+            text = text_cache[item_id] = stored.decode("utf-8")
+        return text
+
     def publish(closed: partitioner.Closed) -> None:
-        events = []
-        for event_id, item_id, action, ts, value in closed.events:
-            text = item_text.get(item_id.encode())
-            events.append(PartitionEvent(event_id, item_id, action, ts, value,
-                                         text.decode("utf-8") if text else f"item {item_id}"))
+        events = [PartitionEvent(event_id, item_id, action, ts, value, text_of(item_id))
+                  for event_id, item_id, action, ts, value in closed.events]
         record = ClosedPartition(closed.user_id, closed.seq, tuple(events), closed.start_ts,
                                  closed.end_ts, closed.reason)
         closed_topic.send_soon(key=closed.user_id.encode(), value=record.encode())
@@ -95,45 +109,59 @@ def create_app(settings: Settings) -> faust.App:
                 dead_letter_send(ITEMS, event, exc.reason, exc.detail)
                 continue
             item_text[item.item_id.encode()] = item.text().encode("utf-8")
+            text_cache.pop(item.item_id, None)
             metrics.ITEMS_LOADED.inc()
 
-    def handle(event, now: float) -> None:
-        try:
-            record = decode(BehaviorEvent, event.message.value, key=event.message.key,
-                            max_bytes=settings.max_payload_bytes)
-            record.check_time(max_future_s=settings.max_future_s, now=now)
-        except InvalidRecord as exc:
-            dead_letter_send(BEHAVIORS, event, exc.reason, exc.detail)
-            return
-        key = record.user_id.encode()
-        state = user_state.get(key) or partitioner.new_state()
+    def apply_batch(batch) -> dict:
+        """Apply a batch of events; returns {user key: (new state, an event of that user)}
+        so each touched user's state is written once per batch, not once per event."""
+        now = time.time()
+        touched: dict[bytes, tuple[dict, object]] = {}
+        processed = {partitioner.ACCEPTED: 0, partitioner.DUPLICATE: 0}
+        for event in batch:
+            try:
+                outcome = apply_one(event, now, touched)
+            except InvalidRecord as exc:
+                dead_letter_send(BEHAVIORS, event, exc.reason, exc.detail)
+                continue
+            except Exception as exc:  # a bug must not stop the agent: park the record
+                log.exception("processing failed")
+                dead_letter_send(BEHAVIORS, event, "processing_error", repr(exc))
+                continue
+            processed[outcome] += 1
+        metrics.EVENTS_IN.inc(len(batch))
+        for outcome, count in processed.items():
+            metrics.EVENTS_PROCESSED.labels(outcome=outcome).inc(count)
+        return touched
+
+    def apply_one(event, now: float, touched: dict) -> str:
+        record = decode(BehaviorEvent, event.message.value, key=event.message.key,
+                        max_bytes=settings.max_payload_bytes)
+        record.check_time(max_future_s=settings.max_future_s, now=now)
+        key = event.message.key
+        entry = touched.get(key)
+        state = entry[0] if entry else (user_state.get(key) or partitioner.new_state())
         outcome, closed = partitioner.add_event(state, record.user_id, record.event_id,
                                                 record.item_id, record.action, record.ts,
                                                 record.value, rules)
         if outcome == partitioner.LATE:
-            dead_letter_send(BEHAVIORS, event, "late",
-                             f"ts={record.ts} older than watermark-{rules.max_lateness_s}s")
-            return
+            raise InvalidRecord("late", f"ts={record.ts} older than the user's newest event "
+                                        f"minus max_lateness_s={rules.max_lateness_s}")
         if outcome == partitioner.ACCEPTED:
-            user_state[key] = state
+            touched[key] = (state, event)
             for part in closed:
                 publish(part)
-        metrics.EVENTS_PROCESSED.labels(outcome=outcome).inc()
+        return outcome
 
     @app.agent(behaviors)
     async def ubsp(stream):
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            now = time.time()
-            for event in batch:
+            touched = apply_batch(batch)
+            for key, (state, event) in touched.items():
                 # Faust's RocksDB store files a write under the *current* event's partition:
-                # make it the event in hand, not the last of the batch.
+                # make it an event of this user, not the last one of the batch.
                 stream._set_current_event(event)
-                metrics.EVENTS_IN.inc()
-                try:
-                    handle(event, now)
-                except Exception as exc:  # a bug must not stop the agent: park the record
-                    log.exception("processing failed")
-                    dead_letter_send(BEHAVIORS, event, "processing_error", repr(exc))
+                user_state[key] = state
 
     app.liber_tables = {"user_state": user_state, "item_text": item_text}
     return app

@@ -238,10 +238,11 @@ class ClosedPartition(Record):
     end_ts: float
     reason: str
 
-    def to_dict(self) -> dict:
-        data = super().to_dict()
-        data["events"] = [asdict(e) for e in self.events]
-        return data
+    def to_dict(self) -> dict:  # written per closed partition: avoid asdict's deep copies
+        return {"schema": self.schema_id(), "user_id": self.user_id, "seq": self.seq,
+                "events": [{"event_id": e.event_id, "item_id": e.item_id, "action": e.action,
+                            "ts": e.ts, "value": e.value, "text": e.text} for e in self.events],
+                "start_ts": self.start_ts, "end_ts": self.end_ts, "reason": self.reason}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClosedPartition":

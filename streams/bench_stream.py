@@ -1,0 +1,130 @@
+"""`liber bench stream`: stream-worker throughput against a bare consumer, in one run.
+
+Starts its own local broker, replays a MovieLens dataset into `behaviors`, then
+1. reads the whole topic with a bare aiokafka consumer (the client Faust uses), no processing:
+   the ceiling on this machine;
+2. runs `liber worker` as a separate process from an empty state and times it from its first
+   to its last event (read from its Prometheus metrics), with its peak RSS.
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from liber.settings import Settings
+from ops.local_kafka import LocalKafka, free_port
+from ops.metrics import scrape
+from streams.replay import replay
+from streams.topics import BEHAVIORS, create_topics
+
+
+async def _bare_consume(settings: Settings, total: int) -> float:
+    """Seconds for a bare consumer to read `total` records, first record to last."""
+    from aiokafka import AIOKafkaConsumer
+    consumer = AIOKafkaConsumer(settings.topic(BEHAVIORS),
+                                bootstrap_servers=settings.bootstrap_servers,
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                group_id=None, max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    try:
+        seen, start = 0, None
+        while seen < total:
+            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for records in batches.values():
+                if start is None and records:
+                    start = time.perf_counter()
+                seen += len(records)
+        return time.perf_counter() - start
+    finally:
+        await consumer.stop()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float) -> dict:
+    port = free_port()
+    env = {**os.environ, **settings.replace(metrics_port=port, log_level="WARNING").to_env()}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "liber.cli", "worker"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        first = last = None
+        seen, deadline = 0.0, time.monotonic() + timeout
+        while seen < total:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker stopped or timed out at {seen}/{total}; see {log_path}")
+            try:
+                seen = scrape(url, "liber_events_in_total")
+            except OSError:
+                seen = 0.0
+            now = time.perf_counter()
+            if seen > 0 and first is None:
+                first = (now, seen)
+            last = now
+            time.sleep(0.05)
+        # Events counted at the first sample arrived before it: extrapolate back linearly.
+        elapsed = last - first[0]
+        rate = (total - first[1]) / elapsed if elapsed > 0 else float("nan")
+        return {"events_per_s": rate, "worker_seconds": elapsed,
+                "partitions_closed": int(scrape(url, "liber_partitions_closed_total")),
+                "dead_lettered": int(scrape(url, "liber_dead_lettered_total")),
+                "peak_rss_mb": round(_peak_rss_mb(proc.pid), 1)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
+        timeout: float = 1800.0, log=print) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="liber-bench-stream-"))
+    broker = LocalKafka(settings.home, work / "kafka", port=free_port())
+    settings = settings.replace(bootstrap_servers=broker.bootstrap, state_dir=str(work / "state"),
+                                app_id="liber-bench", topic_prefix="bench.")
+    broker.start(log=log)
+    try:
+        create_topics(settings, log=lambda m: None)
+        produced = replay(settings, dataset, limit=limit, progress=False, log=log)
+        log(f"bare consumer: reading {produced.events} events ...")
+        raw_seconds = asyncio.run(_bare_consume(settings, produced.events))
+        log(f"stream worker: processing {produced.events} events ...")
+        worker = _time_worker(settings, produced.events, work / "worker.log", timeout)
+        raw_rate = produced.events / raw_seconds
+        return {"benchmark": "stream", "dataset": dataset, "events": produced.events,
+                "events_per_s": round(worker["events_per_s"]),
+                "raw_consumer_events_per_s": round(raw_rate),
+                "ratio": round(worker["events_per_s"] / raw_rate, 3),
+                "partitions_closed": worker["partitions_closed"],
+                "dead_lettered": worker["dead_lettered"],
+                "peak_rss_mb": worker["peak_rss_mb"],
+                "produce_events_per_s": round(produced.events / produced.seconds),
+                "topic_partitions": settings.topic_partitions,
+                "batch_size": settings.batch_size, "machine": machine()}
+    finally:
+        broker.stop(log=log)
+        shutil.rmtree(work, ignore_errors=True)
