@@ -58,11 +58,60 @@ class Settings:
     max_lateness_s: float = field(default=3600.0,
                                   metadata={"help": "older events (vs the user's newest) are dead-lettered as late"})
     dedup_window: int = field(default=64, metadata={"help": "recent event ids kept per user to drop duplicates"})
+    drift_threshold: float = field(
+        default=0.55,
+        metadata={"help": "close when 1 - cos(cache centroid, new item text vector) exceeds this; "
+                          "0 disables (0.55: p99 on MovieLens-1M, see streams/drift.py)"})
+    drift_min_events: int = field(default=5, metadata={"help": "drift closes only caches of at least this many events"})
     # --- worker ------------------------------------------------------------------
     batch_size: int = field(default=500, metadata={"help": "events taken from the stream per batch"})
     batch_within_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
     # --- LLM workers (UIL) ---------------------------------------------------------
+    llm_backend: str = field(default="transformers",
+                             metadata={"help": "transformers, failing (tests: injects failures) or module:factory"})
+    llm_model: str = field(default="smollm2-135m-instruct",
+                           metadata={"help": "default SmolLM2-135M-Instruct, or a local model directory"})
+    llm_device: str = field(default="cpu", metadata={"help": "torch device of the transformers backend"})
+    llm_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    llm_threads: int = field(default=1, metadata={"help": "torch CPU threads; 0 = torch's default"})
+    llm_mode: str = field(default="cascade",
+                          metadata={"help": "cascade (UIL) or naive (whole history each close, baseline)"})
+    llm_max_new_tokens: int = field(default=160, metadata={"help": "answer length cap (tokens)"})
+    llm_repetition_penalty: float = field(default=1.15, metadata={"help": "1.0 disables"})
+    llm_batch_size: int = field(default=8, metadata={"help": "max partitions per LLM call"})
+    llm_batch_wait_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
+    llm_max_queue: int = field(default=256,
+                               metadata={"help": "partitions held in memory; the consumer pauses above"})
+    llm_concurrency: int = field(default=1, metadata={"help": "LLM calls in flight at once"})
+    llm_timeout_s: float = field(default=120.0, metadata={"help": "per-call time limit"})
+    llm_max_attempts: int = field(default=3,
+                                  metadata={"help": "tries per partition before partitions.closed.dlq"})
+    llm_retry_backoff_s: float = field(default=1.0,
+                                       metadata={"help": "first retry delay; doubles, capped at 60 s"})
+    llm_budget_tpm: int = field(default=0,
+                                metadata={"help": "token budget per minute (in+out); 0 = unlimited"})
+    llm_price_in_per_1k: float = field(default=0.0, metadata={"help": "cost per 1k prompt tokens"})
+    llm_price_out_per_1k: float = field(default=0.0, metadata={"help": "cost per 1k generated tokens"})
+    llm_collective_min_users: int = field(
+        default=3, metadata={"help": "cold users of a cluster before its collective summary; 0 = off"})
+    llm_max_title_chars: int = field(default=120, metadata={"help": "item titles are cut to this"})
+    llm_max_summary_chars: int = field(default=600, metadata={"help": "summaries are cut to this"})
+    llm_max_prompt_tokens: int = field(
+        default=7000, metadata={"help": "naive mode drops the oldest history to fit this"})
+    llm_fail_marker: str = field(default="",
+                                 metadata={"help": "failing backend: prompts containing this fail"})
+    llm_fail_first: int = field(default=0, metadata={"help": "failing backend: first N calls fail"})
     # --- DARE decoding ---------------------------------------------------------------
+    dare_mode: str = field(default="relaxed", metadata={"help": "off, strict (lossless) or relaxed"})
+    dare_draft_len: int = field(default=10, metadata={"help": "most draft tokens verified per step"})
+    dare_top_k: int = field(default=2, metadata={"help": "relaxed: draft token must be in the top k"})
+    dare_min_prob: float = field(default=0.1, metadata={"help": "relaxed: and have probability above this"})
+    dare_clusters: int = field(default=8, metadata={"help": "user clusters (k-means), one pool each"})
+    dare_genre_pools: int = field(default=2, metadata={"help": "item-group pools read per request"})
+    dare_max_ngram: int = field(default=8, metadata={"help": "longest context suffix matched in a pool"})
+    dare_pool_max_tokens: int = field(default=50_000, metadata={"help": "per-pool bound (oldest evicted)"})
+    dare_context_pool: int = field(default=1, metadata={"help": "1: also draft from the request's own text"})
+    dare_pool_dir: str = field(default="", metadata={"help": "RocksDB of the pools; default STATE/dare-pools"})
     # --- ops ---------------------------------------------------------------------
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus port; 0 disables"})
@@ -106,6 +155,10 @@ class Settings:
         for name in ("max_gap_s", "max_span_s", "max_future_s", "batch_within_s", "max_lateness_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be > 0")
+        if not 0 <= self.drift_threshold <= 2:
+            raise bad("drift_threshold", "must be in [0, 2] (a cosine distance; 0 disables)")
+        if self.drift_min_events < 1:
+            raise bad("drift_min_events", "must be >= 1")
         if not 0 <= self.metrics_port <= 65535:
             raise bad("metrics_port", "must be a port number (0 disables)")
         if not self.bootstrap_servers.strip():
@@ -123,6 +176,25 @@ class Settings:
             raise bad("log_level", "must be DEBUG, INFO, WARNING or ERROR")
         if not self.app_id or any(c.isspace() for c in self.app_id):
             raise bad("app_id", "must be a non-empty name without spaces")
+        for name in ("llm_max_new_tokens", "llm_batch_size", "llm_max_queue", "llm_concurrency",
+                     "llm_max_attempts", "llm_max_title_chars", "llm_max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.llm_max_summary_chars < 80:
+            raise bad("llm_max_summary_chars", "must be >= 80")
+        for name in ("llm_batch_wait_s", "llm_timeout_s", "llm_repetition_penalty"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be > 0")
+        for name in ("llm_threads", "llm_budget_tpm", "llm_collective_min_users", "llm_fail_first",
+                     "llm_retry_backoff_s", "llm_price_in_per_1k", "llm_price_out_per_1k"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.llm_mode not in ("cascade", "naive"):
+            raise bad("llm_mode", "must be cascade or naive")
+        if self.llm_dtype not in ("float32", "bfloat16", "float16"):
+            raise bad("llm_dtype", "must be float32, bfloat16 or float16")
+        if not self.llm_backend.strip() or any(c.isspace() for c in self.llm_backend):
+            raise bad("llm_backend", "must be a backend name or module:factory")
 
     # --- derived values ------------------------------------------------------------
     @property

@@ -18,6 +18,7 @@ from streams.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item
 from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, dlq
 
 log = logging.getLogger("liber.stream")
+REPLAYED = "replayed"
 
 
 def faust_broker_options(settings: Settings) -> dict:
@@ -117,7 +118,7 @@ def create_app(settings: Settings) -> faust.App:
         so each touched user's state is written once per batch, not once per event."""
         now = time.time()
         touched: dict[bytes, tuple[dict, object]] = {}
-        processed = {partitioner.ACCEPTED: 0, partitioner.DUPLICATE: 0}
+        processed = {partitioner.ACCEPTED: 0, partitioner.DUPLICATE: 0, REPLAYED: 0}
         for event in batch:
             try:
                 outcome = apply_one(event, now, touched)
@@ -138,9 +139,11 @@ def create_app(settings: Settings) -> faust.App:
         record = decode(BehaviorEvent, event.message.value, key=event.message.key,
                         max_bytes=settings.max_payload_bytes)
         record.check_time(max_future_s=settings.max_future_s, now=now)
-        key = event.message.key
+        key, offset = event.message.key, event.message.offset
         entry = touched.get(key)
         state = entry[0] if entry else (user_state.get(key) or partitioner.new_state())
+        if offset <= state.get("offset", -1):
+            return REPLAYED  # redelivered after a crash; the recovered state already has it
         outcome, closed = partitioner.add_event(state, record.user_id, record.event_id,
                                                 record.item_id, record.action, record.ts,
                                                 record.value, rules)
@@ -148,20 +151,34 @@ def create_app(settings: Settings) -> faust.App:
             raise InvalidRecord("late", f"ts={record.ts} older than the user's newest event "
                                         f"minus max_lateness_s={rules.max_lateness_s}")
         if outcome == partitioner.ACCEPTED:
+            state["offset"] = offset
             touched[key] = (state, event)
             for part in closed:
                 publish(part)
         return outcome
 
+    async def make_durable() -> None:
+        """Wait until everything sent so far is acknowledged by Kafka. Faust's own flush gives
+        up after 0.1 s with records still in its buffer, so it cannot be trusted for this."""
+        producer = app.producer
+        while producer.buffer.size:
+            await producer.buffer.flush()
+        await producer.flush()
+
     @app.agent(behaviors)
     async def ubsp(stream):
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             touched = apply_batch(batch)
+            # Outputs (closed partitions, dead letters) are durable before the state that says
+            # they were produced, and the state before the batch is acked (offsets commit after
+            # acks). A crash in between re-produces outputs, identically: never loses them.
+            await make_durable()
             for key, (state, event) in touched.items():
                 # Faust's RocksDB store files a write under the *current* event's partition:
                 # make it an event of this user, not the last one of the batch.
                 stream._set_current_event(event)
                 user_state[key] = state
+            await make_durable()
 
     app.liber_tables = {"user_state": user_state, "item_text": item_text}
     return app

@@ -14,7 +14,8 @@ def read_topic(settings: Settings, logical: str, *, expect: int | None = None,
     pass without a new one (when `expect` is None), or `timeout`."""
     name = settings.topic(logical)
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False, consumer_timeout_ms=200)
+                             enable_auto_commit=False, consumer_timeout_ms=200,
+                             isolation_level="read_committed")
     try:
         deadline = time.monotonic() + timeout
         partitions = None
