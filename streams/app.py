@@ -9,10 +9,12 @@ import logging
 import time
 
 import faust
+from kafka.partitioner.default import murmur2
 
 from liber.settings import Settings
 from ops import metrics
 from streams import dead_letter, partitioner
+from streams.quiet_users import QuietUsers
 from streams.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item, PartitionEvent,
                              decode)
 from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, dlq
@@ -70,6 +72,7 @@ def create_app(settings: Settings) -> faust.App:
     user_state = app.Table("ubsp-state", partitions=settings.topic_partitions, use_partitioner=True,
                            key_type=bytes)  # values: JSON dicts (see streams.partitioner)
     rules = partitioner.CloseRules.from_settings(settings)
+    quiet = QuietUsers(rules)
 
     def dead_letter_send(name: str, event, reason: str, detail: str) -> None:
         msg = event.message
@@ -140,6 +143,7 @@ def create_app(settings: Settings) -> faust.App:
                         max_bytes=settings.max_payload_bytes)
         record.check_time(max_future_s=settings.max_future_s, now=now)
         key, offset = event.message.key, event.message.offset
+        quiet.observe(event.message.partition, record.ts)
         entry = touched.get(key)
         state = entry[0] if entry else (user_state.get(key) or partitioner.new_state())
         if offset <= state.get("offset", -1):
@@ -165,10 +169,39 @@ def create_app(settings: Settings) -> faust.App:
             await producer.buffer.flush()
         await producer.flush()
 
+    def sweep_quiet(batch, touched: dict) -> None:
+        """Close caches of users who went quiet on the partitions this batch advanced."""
+        for key, (state, event) in touched.items():
+            quiet.track(event.message.partition, key, state)
+        last_of_partition = {event.message.partition: event for event in batch}
+        for partition, event in last_of_partition.items():
+            for key in quiet.due(partition):
+                state = touched[key][0] if key in touched else user_state.get(key)
+                if state is None:
+                    continue
+                closed = partitioner.sweep(state, key.decode(), quiet.watermark[partition], rules)
+                if closed:
+                    publish(closed)
+                    touched[key] = (state, event)
+                    quiet.track(partition, key, state)
+
+    def rebuild_quiet_index() -> None:
+        """After a start or a rebalance the index is rebuilt from the table's local state."""
+        quiet.open.clear()
+        for key, state in user_state.items():
+            if state and state["events"]:
+                partition = (murmur2(key) & 0x7FFFFFFF) % settings.topic_partitions
+                quiet.track(partition, key, state)
+
     @app.agent(behaviors)
     async def ubsp(stream):
+        indexed = False
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            if not indexed:  # tables are recovered once events flow
+                rebuild_quiet_index()
+                indexed = True
             touched = apply_batch(batch)
+            sweep_quiet(batch, touched)
             # Outputs (closed partitions, dead letters) are durable before the state that says
             # they were produced, and the state before the batch is acked (offsets commit after
             # acks). A crash in between re-produces outputs, identically: never loses them.

@@ -75,10 +75,17 @@ def test_roundtrip_closes_partitions_and_dead_letters_bad_input(settings, start_
     total = len(good_events) + 1 + len(BAD_INPUT)
     worker.wait_metric("liber_events_in_total", total)
 
+    # u2's late events move event time on u1's stream partition past u1's gap: u1's last
+    # cache [a6] is then closed as quiet (see streams/quiet_users.py).
+    from kafka.partitioner.default import murmur2
+    shared = len({(murmur2(u) & 0x7FFFFFFF) % 2 for u in (b"u1", b"u2")}) == 1
+    assert shared, "the test expects u1 and u2 on one partition of two"
     closed = [decode(ClosedPartition, r.value, key=r.key)
-              for r in read_topic(settings, PARTITIONS_CLOSED, expect=3)]
+              for r in read_topic(settings, PARTITIONS_CLOSED, expect=4)]
     by_key = {(p.user_id, p.seq): p for p in closed}
-    assert sorted(by_key) == [("u1", 0), ("u1", 1), ("u2", 0)]
+    assert sorted(by_key) == [("u1", 0), ("u1", 1), ("u1", 2), ("u2", 0)]
+    assert [e.event_id for e in by_key["u1", 2].events] == ["a6"]
+    assert by_key["u1", 2].reason == "max_gap"
     assert [e.event_id for e in by_key["u1", 0].events] == ["a0", "a1", "a2"]
     assert [e.event_id for e in by_key["u1", 1].events] == ["a3", "a4", "a5"]
     assert by_key["u1", 0].reason == "max_events"
@@ -105,3 +112,22 @@ def test_roundtrip_closes_partitions_and_dead_letters_bad_input(settings, start_
     assert worker.metric("liber_events_in_total") == processed + dead_lettered == total
     assert worker.metric("liber_events_processed_total", outcome="duplicate") == 1
     assert worker.proc.poll() is None, "the worker must keep running after bad input"
+
+
+def test_quiet_user_cache_closes_when_event_time_moves_on(settings, start_worker):
+    """'quiet' and 'busy' share a stream partition; only 'busy' keeps sending events."""
+    from kafka.partitioner.default import murmur2
+    assert len({(murmur2(u) & 0x7FFFFFFF) % 2 for u in (b"quiet", b"busy")}) == 1
+    settings = settings.replace(max_events=50, max_gap_s=600.0)
+    create_topics(settings, log=lambda m: None)
+    worker = start_worker(settings)
+    with BehaviorProducer(settings) as producer:
+        producer.send(event("q0", "quiet", "i1", T0))
+        producer.send(event("q1", "quiet", "i2", T0 + 10))
+        for i in range(30):  # 'busy' alone moves event time 30 minutes on
+            producer.send(event(f"b{i}", "busy", "i1", T0 + 60 * i))
+    worker.wait_metric("liber_events_in_total", 32)
+    closed = [decode(ClosedPartition, r.value, key=r.key)
+              for r in read_topic(settings, PARTITIONS_CLOSED, expect=1)]
+    assert [(p.user_id, p.seq, p.reason, [e.event_id for e in p.events]) for p in closed] == [
+        ("quiet", 0, "max_gap", ["q0", "q1"])]
