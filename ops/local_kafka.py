@@ -139,7 +139,7 @@ class LocalKafka:
         config = self._write_config()
         if not (self.data_dir / "kraft-logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
+            subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                                       "-c", str(config), "--ignore-formatted"),
                            check=True, stdout=subprocess.DEVNULL)
         with open(self.log_file, "ab") as out:
