@@ -55,7 +55,7 @@ def cmd_produce(settings: Settings, args) -> int:
     from streams.topics import create_topics
     create_topics(settings, log=lambda m: None)
     result = replay(settings, args.dataset, rate=args.rate, limit=args.limit, users=args.users,
-                    items=not args.no_items, progress=not args.quiet)
+                    per_user=args.per_user, items=not args.no_items, progress=not args.quiet)
     print(json.dumps(result.__dict__))
     return 0
 
@@ -70,7 +70,8 @@ def cmd_worker(settings: Settings, args) -> int:
 
 def cmd_demo(settings: Settings, args) -> int:
     from liber.demo import run_demo
-    return run_demo(settings, dataset=args.dataset, users=args.users, show=args.show)
+    return run_demo(settings, dataset=args.dataset, users=args.users or None,
+                    per_user=args.per_user or None, show=args.show)
 
 
 def cmd_models(settings: Settings, args) -> int:
@@ -90,13 +91,50 @@ def bench_dare(settings: Settings, args) -> dict:
     return run(args, settings)
 
 
+def bench_llm_cost(settings: Settings, args) -> dict:
+    from llm_workers.bench_cost import run
+    return run(settings, dataset=args.dataset or "ml-1m", users=args.users,
+               gen_sample_users=args.gen_sample_users, gen_sample_depth=args.gen_sample_depth,
+               naive_sample=args.naive_sample, log=lambda m: print(m, file=sys.stderr))
+
+
 # Benchmark name -> function(settings, args) returning the JSON-able result.
-BENCHMARKS = {"stream": bench_stream, "dare": bench_dare}
+BENCHMARKS = {"stream": bench_stream, "dare": bench_dare, "llm-cost": bench_llm_cost}
 
 
 def cmd_bench(settings: Settings, args) -> int:
     result = BENCHMARKS[args.benchmark](settings, args)
     print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_llm_worker(settings: Settings, args) -> int:
+    from llm_workers.backends import BackendError
+    from llm_workers.service import run
+    try:
+        run(settings)
+    except BackendError as exc:
+        print(f"liber: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_backfill(settings: Settings, args) -> int:
+    from streams import backfill
+    if args.from_dataset:
+        rows = backfill.write_parquet(args.from_dataset, args.path, args.until, home=settings.home,
+                                      users=args.users)
+        print(f"{args.path}: {rows} events of {args.from_dataset}"
+              f"{f' with ts <= {args.until}' if args.until is not None else ''}", file=sys.stderr)
+        if args.write_only:
+            return 0
+    try:
+        result = backfill.run(settings, args.path, force=args.force, items=not args.no_items,
+                              log_fn=lambda m: print(m, file=sys.stderr))
+    except backfill.BackfillRefused as exc:
+        print(f"liber backfill: {exc}", file=sys.stderr)
+        return 3
+    print(backfill.result_json(result))
     return 0
 
 
@@ -129,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     p.add_argument("--limit", type=int, help="send only the first N events")
     p.add_argument("--users", type=int, help="only the first N users to appear")
+    p.add_argument("--per-user", type=int, help="at most the first N events of each user")
     p.add_argument("--no-items", action="store_true", help="skip the item catalogue")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_produce)
@@ -138,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="local broker + MovieLens replay + worker, then show results")
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
-    p.add_argument("--users", type=int, help="replay only the first N users")
+    p.add_argument("--users", type=int, default=5,
+                   help="replay the first N users (0: all; the LLM summarises every partition)")
+    p.add_argument("--per-user", type=int, default=40,
+                   help="each user's first N events (0: all), so the CPU LLM finishes in minutes")
     p.add_argument("--show", type=int, default=3, help="users to print")
     p.set_defaults(func=cmd_demo)
 
@@ -153,7 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one line of JSON")
     from llm_workers.dare.bench import add_arguments as dare_arguments  # stdlib-only import
     dare_arguments(p.add_argument_group("dare (retrieval-pool speculative decoding)"))
+    g = p.add_argument_group("llm-cost (cascade vs naive token cost)")
+    g.add_argument("--users", type=int, default=1000, help="first N users of the dataset")
+    g.add_argument("--gen-sample-users", type=int, default=4,
+                   help="users whose first partitions are really generated (cascade sample)")
+    g.add_argument("--gen-sample-depth", type=int, default=3,
+                   help="partitions generated per sampled user, in cascade order")
+    g.add_argument("--naive-sample", type=int, default=3, help="naive prompts really generated")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("llm-worker", help="run the LLM worker (UIL: partitions.closed -> summaries)")
+    p.set_defaults(func=cmd_llm_worker)
+
+    p = sub.add_parser("backfill", help="load lifelong histories from Parquet into UBSP state and "
+                                         "partitions.closed, without a Kafka round trip per event")
+    p.add_argument("path", help="Parquet file: event_id, user_id, item_id, action, ts, value")
+    p.add_argument("--force", action="store_true",
+                   help="run even if the worker group has committed offsets or live members")
+    p.add_argument("--no-items", action="store_true", help="do not read item text from `items`")
+    p.add_argument("--from-dataset", choices=["ml-100k", "ml-1m"],
+                   help="first write PATH from this MovieLens dataset")
+    p.add_argument("--until", type=float, help="with --from-dataset: only events with ts <= UNTIL")
+    p.add_argument("--users", type=int, help="with --from-dataset: only the first N users")
+    p.add_argument("--write-only", action="store_true", help="with --from-dataset: only write PATH")
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)

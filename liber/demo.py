@@ -1,8 +1,9 @@
 """`liber demo`: the whole pipeline on this machine, from an empty broker to printed results.
 
-Starts a fresh local Kafka broker, creates the topics, runs the stream worker as its own
-process, replays MovieLens into Kafka, waits until every event is accounted for (read from
-the worker's Prometheus metrics), then prints what the pipeline produced for a few users.
+Starts a fresh local Kafka broker, creates the topics, runs the stream worker and the LLM
+worker as their own processes, replays the first users of MovieLens into Kafka, waits until
+every event and every closed partition is accounted for (read from the workers' Prometheus
+metrics), then prints each shown user's partitions and cascaded interest summaries.
 """
 from __future__ import annotations
 
@@ -19,95 +20,145 @@ from pathlib import Path
 from liber.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
-from streams.records import ClosedPartition, InvalidRecord, decode
+from streams.records import ClosedPartition, InvalidRecord, Summary, decode
 from streams.replay import replay
-from streams.topics import PARTITIONS_CLOSED, create_topics
+from streams.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics
 
 
-def _metric(port: int, name: str, **labels: str) -> float:
-    return scrape(f"http://127.0.0.1:{port}/metrics", name, **labels)
+class Process:
+    """A `liber` subcommand in its own process, with its own metrics port and log file."""
 
+    def __init__(self, command: str, settings: Settings, log_dir: Path):
+        self.command, self.port = command, free_port()
+        env = {**os.environ, **settings.replace(metrics_port=self.port).to_env(),
+               "LIBER_LOG_LEVEL": "WARNING"}
+        self.log_path = log_dir / f"{command}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "liber.cli", command], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT)
 
-def _wait_accounted(port: int, expected: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline, last = time.monotonic() + timeout, -1.0
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"stream worker exited with {proc.returncode}")
+    def metric(self, name: str, **labels: str) -> float:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.command} exited with {self.proc.returncode}; "
+                               f"see {self.log_path}")
         try:
-            seen = _metric(port, "liber_events_in_total")
-        except OSError:
-            seen = 0.0
-        if seen != last:
-            print(f"  stream worker: {int(seen)}/{expected} events in", flush=True)
-            last = seen
-        if seen >= expected:
+            return scrape(f"http://127.0.0.1:{self.port}/metrics", name, **labels)
+        except OSError:  # not listening yet
+            return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _wait(what: str, current, target: float, timeout: float) -> None:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        value = current()
+        if value != last:
+            print(f"  {what}: {int(value)}/{int(target)}", flush=True)
+            last = value
+        if value >= target:
             return
         time.sleep(2)
-    raise TimeoutError(f"only {last} of {expected} events reached the worker in {timeout}s")
+    raise TimeoutError(f"{what}: only {last} of {target} after {timeout:.0f}s")
 
 
-def run_demo(settings: Settings, dataset: str = "ml-100k", users: int | None = None,
-             show: int = 3) -> int:
+def run_demo(settings: Settings, dataset: str = "ml-100k", users: int | None = 5,
+             per_user: int | None = 40, show: int = 3) -> int:
     demo_dir = Path(settings.home) / "demo"
     shutil.rmtree(demo_dir, ignore_errors=True)  # every demo starts from an empty broker
+    demo_dir.mkdir(parents=True)
     broker = LocalKafka(settings.home, demo_dir / "kafka", port=free_port())
-    metrics_port = free_port()
     settings = settings.replace(bootstrap_servers=broker.bootstrap,
-                                state_dir=str(demo_dir / "state"), metrics_port=metrics_port)
-    print(f"== 1/4 local Kafka broker ({broker.bootstrap}, data in {broker.data_dir})")
+                                state_dir=str(demo_dir / "state"))
+    print(f"== 1/5 local Kafka broker ({broker.bootstrap}, data in {broker.data_dir})")
     broker.start()
-    worker = None
+    workers: list[Process] = []
     try:
         create_topics(settings)
-        print("== 2/4 stream worker (UBSP on RocksDB state), its own process")
-        env = {**os.environ, **settings.to_env(), "LIBER_LOG_LEVEL": "WARNING"}
-        log = open(demo_dir / "stream-worker.log", "wb")
-        worker = subprocess.Popen([sys.executable, "-m", "liber.cli", "worker"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        print(f"== 3/4 replay {dataset} into Kafka")
-        result = replay(settings, dataset, users=users)
-        _wait_accounted(metrics_port, result.events, worker, timeout=600)
-        print("== 4/4 results")
-        _print_results(settings, metrics_port, show)
+        print("== 2/5 stream worker (UBSP, RocksDB state) and LLM worker (UIL, "
+              "SmolLM2-135M-Instruct on CPU), each its own process; logs in", demo_dir)
+        stream, llm = Process("worker", settings, demo_dir), Process("llm-worker", settings, demo_dir)
+        workers += [stream, llm]
+        print(f"== 3/5 replay {dataset}" + (f", first {users} users" if users else "")
+              + (f", each user's first {per_user} events" if per_user else ""))
+        catalogue = replay(settings, dataset, events=False)
+        # Item text is joined when a partition closes: let the catalogue land first.
+        _wait("stream worker, catalogue items loaded",
+              lambda: stream.metric("liber_items_loaded_total"), catalogue.items, timeout=300)
+        result = replay(settings, dataset, users=users, per_user=per_user, items=False)
+        print("== 4/5 waiting for the pipeline")
+        _wait("stream worker, events in", lambda: stream.metric("liber_events_in_total"),
+              result.events, timeout=600)
+        closed = stream.metric("liber_partitions_closed_total")
+        _wait("LLM worker, partitions summarised or dead-lettered",
+              lambda: llm.metric("liber_llm_summaries_total")
+              + llm.metric("liber_llm_dead_lettered_total"), closed, timeout=1800)
+        print("== 5/5 results")
+        _print_results(settings, stream, llm, show)
         return 0
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        for worker in workers:
+            worker.stop()
         broker.stop()
 
 
-def _print_results(settings: Settings, metrics_port: int, show: int) -> None:
+def _read(settings: Settings, topic: str, record_type) -> dict[str, list]:
+    """Every valid record of a topic, by user (deduplicated on (user_id, seq))."""
     from kafka import KafkaConsumer, TopicPartition
-    name = settings.topic(PARTITIONS_CLOSED)
+    name = settings.topic(topic)
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
                              enable_auto_commit=False)
     parts = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
     consumer.assign(parts)
     consumer.seek_to_beginning()
     end = consumer.end_offsets(parts)
-    by_user: dict[str, list[ClosedPartition]] = defaultdict(list)
+    by_key: dict[tuple[str, int], object] = {}
     while any(consumer.position(tp) < end[tp] for tp in parts):
         for records in consumer.poll(timeout_ms=500).values():
             for record in records:
                 try:
-                    part = decode(ClosedPartition, record.value, key=record.key)
+                    rec = decode(record_type, record.value, key=record.key)
                 except InvalidRecord:
                     continue
-                by_user[part.user_id].append(part)
+                by_key[(rec.user_id, rec.seq)] = rec
     consumer.close()
-    total = sum(len(v) for v in by_user.values())
-    rules = {r: int(_metric(metrics_port, "liber_partitions_closed_total", rule=r))
+    by_user: dict[str, list] = defaultdict(list)
+    for (user, _), rec in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        by_user[user].append(rec)
+    return by_user
+
+
+def _print_results(settings: Settings, stream: Process, llm: Process, show: int) -> None:
+    partitions = _read(settings, PARTITIONS_CLOSED, ClosedPartition)
+    summaries = _read(settings, SUMMARIES, Summary)
+    rules = {r: int(stream.metric("liber_partitions_closed_total", rule=r))
              for r in ("max_events", "max_gap", "max_span")}
-    print(f"partitions closed: {total} for {len(by_user)} users; by rule: {rules}")
-    print(f"dead-lettered: {int(_metric(metrics_port, 'liber_dead_lettered_total'))}")
-    for user in sorted(by_user, key=lambda u: -len(by_user[u]))[:show]:
-        print(f"\nuser {user}: {len(by_user[user])} partitions")
-        for part in sorted(by_user[user], key=lambda p: p.seq)[:4]:
+    tokens_in = int(llm.metric("liber_llm_tokens_in_total"))
+    tokens_out = int(llm.metric("liber_llm_tokens_out_total"))
+    print(f"events: {int(stream.metric('liber_events_in_total'))}, dead-lettered: "
+          f"{int(stream.metric('liber_dead_lettered_total'))}")
+    print(f"partitions closed: {sum(map(len, partitions.values()))} for {len(partitions)} "
+          f"users, by rule {rules}")
+    print(f"summaries: {sum(map(len, summaries.values()))}; LLM tokens in {tokens_in}, "
+          f"out {tokens_out}, model seconds {llm.metric('liber_llm_model_seconds_total'):.0f}")
+    for user in sorted(partitions, key=lambda u: -len(partitions[u]))[:show]:
+        print(f"\nuser {user}: {len(partitions[user])} partitions")
+        by_seq = {s.seq: s for s in summaries.get(user, [])}
+        for part in partitions[user]:
             start = dt.datetime.fromtimestamp(part.start_ts, dt.timezone.utc)
-            titles = "; ".join(e.text for e in part.events[:3])
-            print(f"  seq {part.seq}: {len(part.events)} events from {start:%Y-%m-%d %H:%M}, "
-                  f"closed by {part.reason}: {titles} ...")
+            titles = "; ".join(e.text for e in part.events[:2])
+            print(f"  seq {part.seq}: {len(part.events)} events from {start:%Y-%m-%d %H:%M} "
+                  f"({part.reason}): {titles} ...")
+            summary = by_seq.get(part.seq)
+            if summary:
+                print(f"    summary: {summary.partition_summary}")
+                print(f"    shift:   {summary.shift}")
+        last = max(by_seq.values(), key=lambda s: s.seq, default=None)
+        if last:
+            print(f"  cascaded interest profile after seq {last.seq}: {last.cascaded_summary}")

@@ -103,7 +103,7 @@ class Settings:
     llm_fail_first: int = field(default=0, metadata={"help": "failing backend: first N calls fail"})
     # --- DARE decoding ---------------------------------------------------------------
     dare_mode: str = field(default="relaxed", metadata={"help": "off, strict (lossless) or relaxed"})
-    dare_draft_len: int = field(default=10, metadata={"help": "most draft tokens verified per step"})
+    dare_draft_len: int = field(default=15, metadata={"help": "most draft tokens verified per step"})
     dare_top_k: int = field(default=2, metadata={"help": "relaxed: draft token must be in the top k"})
     dare_min_prob: float = field(default=0.1, metadata={"help": "relaxed: and have probability above this"})
     dare_clusters: int = field(default=8, metadata={"help": "user clusters (k-means), one pool each"})

@@ -264,7 +264,11 @@ class ClosedPartition(Record):
 
 @dataclass(frozen=True)
 class Summary(Record):
-    """`summaries`: one LLM result per closed partition."""
+    """`summaries`: one LLM result per closed partition.
+
+    Optional (additive, still version 1): `mode` cascade|naive, `context` what the prompt used
+    as the user's previous state (previous, collective:<cluster>, none, history), `template`
+    the prompt template version, `prompt_sha256` a hash of the exact prompt."""
     SCHEMA: ClassVar[str] = "summary"
     VERSION: ClassVar[int] = 1
     KEY_FIELD: ClassVar[str] = "user_id"
@@ -279,6 +283,10 @@ class Summary(Record):
     backend: str
     model: str
     latency_s: float
+    mode: str = ""
+    context: str = ""
+    template: str = ""
+    prompt_sha256: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> "Summary":
@@ -290,7 +298,9 @@ class Summary(Record):
                    tokens_in=_num(data, "tokens_in", integer=True),
                    tokens_out=_num(data, "tokens_out", integer=True),
                    backend=_str(data, "backend"), model=_str(data, "model"),
-                   latency_s=_num(data, "latency_s"))
+                   latency_s=_num(data, "latency_s"),
+                   **{name: _str(data, name, required=False) or ""
+                      for name in ("mode", "context", "template", "prompt_sha256")})
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,10 @@ def rating_event(dataset: str, rating) -> BehaviorEvent:
                          value=float(rating.rating))
 
 
-def select(ratings: list, *, users: int | None = None, limit: int | None = None) -> list:
-    """The first `users` users (by first appearance), then the first `limit` events."""
+def select(ratings: list, *, users: int | None = None, limit: int | None = None,
+           per_user: int | None = None) -> list:
+    """The first `users` users (by first appearance), at most `per_user` events of each (their
+    earliest), then the first `limit` events; time order is kept."""
     if users:
         keep: set[str] = set()
         for r in ratings:
@@ -45,16 +47,26 @@ def select(ratings: list, *, users: int | None = None, limit: int | None = None)
                 break
             keep.add(r.user_id)
         ratings = [r for r in ratings if r.user_id in keep]
+    if per_user:
+        taken: dict[str, int] = {}
+        kept = []
+        for r in ratings:
+            if taken.get(r.user_id, 0) < per_user:
+                taken[r.user_id] = taken.get(r.user_id, 0) + 1
+                kept.append(r)
+        ratings = kept
     return ratings[:limit] if limit else ratings
 
 
 def replay(settings: Settings, dataset: str, *, rate: float | None = None, limit: int | None = None,
-           users: int | None = None, items: bool = True, progress: bool = True,
-           log=print) -> ReplayResult:
-    """Produce the dataset; `rate` caps events per second (None: as fast as possible)."""
+           users: int | None = None, per_user: int | None = None, items: bool = True,
+           events: bool = True, progress: bool = True, log=print) -> ReplayResult:
+    """Produce the dataset (`items`: the catalogue, `events`: the ratings); `rate` caps events
+    per second (None: as fast as possible)."""
     paths = movielens.fetch(settings.home, datasets=(dataset,), log=log)
     data_dir = paths[dataset]
-    ratings = select(movielens.load_ratings(data_dir, dataset), users=users, limit=limit)
+    ratings = select(movielens.load_ratings(data_dir, dataset), users=users, limit=limit,
+                     per_user=per_user) if events else []
     start = time.monotonic()
     n_items = 0
     with BehaviorProducer(settings) as producer:
@@ -64,6 +76,8 @@ def replay(settings: Settings, dataset: str, *, rate: float | None = None, limit
                 n_items += 1
             producer.flush()
             log(f"items: {n_items} catalogue records sent to {settings.topic('items')}")
+        if not events:
+            return ReplayResult(items=n_items, events=0, seconds=time.monotonic() - start)
         bar = tqdm(total=len(ratings), unit="ev", disable=not progress, mininterval=1.0,
                    desc=f"replay {dataset}")
         for i, rating in enumerate(ratings):

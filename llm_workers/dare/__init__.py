@@ -1,0 +1,11 @@
+"""DARE: retrieval-pool speculative decoding with relaxed verification (DESIGN.md section 2).
+
+    suffix_index  token n-gram index of stored generations; heaviest-branch drafts (pure Python)
+    pools         named pools (user clusters, item groups, global), bounded, in RocksDB
+    routing       k-means user clusters and item groups -> pool names of a request
+    decoder       the transformers decoding loop: draft, verify (strict | relaxed), crop the cache
+    metrics       Prometheus counters `liber_dare_*`, per pool
+    bench         `liber bench dare`; uil_prompts builds its cascaded prompts
+
+Importing this package imports nothing heavy; torch is needed only by `decoder` and `routing.kmeans`.
+"""

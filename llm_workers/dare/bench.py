@@ -1,0 +1,428 @@
+"""`liber bench dare`: DARE against plain greedy decoding on cascaded UIL prompts (MovieLens-1M).
+
+Steps, all in one process on one device:
+ 1. ML-1M ratings of a seeded sample of users are cut into UBSP partitions (streams.partitioner);
+    users are clustered by k-means over genre histograms of their items (all users).
+ 2. Warm-up: the earlier partitions (first partitions of the measured users, first and second
+    partitions of other users) are summarised in stream order with DARE-strict (its output is
+    the greedy output), feeding every generation online into its pools: `cluster:<k>`, the
+    partition's top `genre:<g>` pools, and `global`. With rocksdict present the pools live in
+    RocksDB and are reopened from disk before measuring.
+ 3. Measured: each measured user's next partition, whose prompt carries the warm-up summary as
+    previous summary. Methods run round-robin per prompt (plain, strict, relaxed, then the
+    global-pool ablation), each on its own copy of the warm pools fed online as it goes.
+
+Imports only torch, transformers and this repository's pure-Python modules (rocksdict and
+prometheus-client are optional), so it runs on a bare GPU machine with PYTHONPATH=repo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = {  # name: (mode, pools: "routed" | "global" | None)
+    "plain": ("plain", None),
+    "strict": ("strict", "routed"),
+    "relaxed": ("relaxed", "routed"),
+    "global_strict": ("strict", "global"),
+    "global_relaxed": ("relaxed", "global"),
+}
+DEFAULT_METHODS = ["plain", "strict", "relaxed", "global_relaxed"]
+THREADS_NOTE = ("one torch thread on CPU by default: on a shared machine OpenMP's barrier waits "
+                "for a descheduled second thread and steps slow down ~10x at random, which makes "
+                "timings meaningless; a single thread only slows down in proportion to the load")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", type=int, default=8, help="measured prompts (one per user)")
+    p.add_argument("--warm", type=int, default=16, help="warm-up generations fed to the pools")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--draft-len", type=int, default=None, help="default: setting dare_draft_len")
+    p.add_argument("--top-k", type=int, default=None, help="relaxed rule k (setting dare_top_k)")
+    p.add_argument("--min-prob", type=float, default=None, help="relaxed rule floor (dare_min_prob)")
+    p.add_argument("--clusters", type=int, default=None, help="k-means clusters (dare_clusters)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list from {', '.join(METHODS)}")
+    p.add_argument("--no-context-pool", action="store_true",
+                   help="draft from the retrieval pools only, not from the request's own text")
+    p.add_argument("--hf-baseline", action="store_true",
+                   help="also time transformers' generate() (greedy) on the measured prompts")
+    p.add_argument("--partition-events", type=int, default=10, help="UBSP max_events for the bench")
+    p.add_argument("--sample-users", type=int, default=600, help="users sampled from ML-1M")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--data-dir", help="directory holding ml-1m/ (default HOME/data)")
+    p.add_argument("--model-dir", help="a local transformers model directory (default: the cached "
+                                       "SmolLM2-135M-Instruct)")
+    p.add_argument("--pool-dir", help="RocksDB directory for the pools (default: a temp dir)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on CPU: 1, see THREADS_NOTE; on CUDA: torch's)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--verbose", action="store_true", help="progress lines on stderr")
+
+
+def _log(args, msg: str) -> None:
+    if args.verbose:
+        print(f"[bench dare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- data ----------------------------------------------------------------------------------
+def _partitions(ratings, users: set, max_events: int):
+    from streams.partitioner import CloseRules, add_event, new_state
+    rules = CloseRules(max_events=max_events)
+    states: dict[str, dict] = {}
+    closed = []
+    for r in ratings:
+        if r.user_id not in users:
+            continue
+        state = states.setdefault(r.user_id, new_state())
+        _, done = add_event(state, r.user_id, f"{r.user_id}:{r.line}", r.item_id, "rate", r.ts,
+                            r.rating, rules)
+        closed.extend(done)
+    return closed  # in stream order (a close happens at the event that closes it)
+
+
+def _user_vectors(ratings, movies, vocab):
+    from llm_workers.dare.routing import group_histogram
+    per_user: dict[str, list] = {}
+    for r in ratings:
+        per_user.setdefault(r.user_id, []).append(movies[r.item_id].genres)
+    return {u: group_histogram(g, vocab) for u, g in per_user.items()}
+
+
+def _plan(closed, prompts: int, warm: int, seed: int):
+    """(warm-up partitions in stream order, measured partitions): the measured users' first
+    partitions warm up, their second ones are measured; other users' first two warm up."""
+    by_user: dict[str, list] = {}
+    for c in closed:
+        by_user.setdefault(c.user_id, []).append(c)
+    users = sorted(u for u, parts in by_user.items() if len(parts) >= 2)
+    random.Random(seed).shuffle(users)
+    if len(users) < prompts:
+        raise SystemExit(f"only {len(users)} sampled users have two partitions; raise --sample-users")
+    measured_users, others = users[:prompts], users[prompts:]
+    warm_parts = [by_user[u][0] for u in measured_users][:warm]
+    for u in others:
+        if len(warm_parts) >= warm:
+            break
+        warm_parts.extend(by_user[u][:min(2, warm - len(warm_parts))])
+    order = {id(c): i for i, c in enumerate(closed)}
+    warm_parts.sort(key=lambda c: order[id(c)])
+    return warm_parts, [by_user[u][1] for u in measured_users]
+
+
+# --- the run -------------------------------------------------------------------------------
+def run(args, settings) -> dict:
+    import torch
+    from llm_workers.dare.decoder import DareDecoder
+    from llm_workers.dare.metrics import DareStats
+    from llm_workers.dare.pools import PoolConfig, PoolStore
+    from llm_workers.dare.routing import GLOBAL_POOL, PoolRouter, kmeans
+    from llm_workers.dare import uil_prompts
+    from streams import movielens
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "plain" not in methods:
+        raise SystemExit(f"--methods needs plain and names from {list(METHODS)}; got {methods}")
+    draft_len = settings.dare_draft_len if args.draft_len is None else args.draft_len
+    top_k = settings.dare_top_k if args.top_k is None else args.top_k
+    min_prob = settings.dare_min_prob if args.min_prob is None else args.min_prob
+    n_clusters = settings.dare_clusters if args.clusters is None else args.clusters
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads or (1 if device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    timings = {}
+    load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+    t = time.perf_counter()
+    model, tokenizer = _load_model(args, settings, device)
+    timings["model_load_s"] = round(time.perf_counter() - t, 2)
+    _log(args, f"model loaded on {device} in {timings['model_load_s']} s")
+
+    t = time.perf_counter()
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else Path(settings.home) / "data"
+    if not any((d / "ratings.dat").exists() and (d / "movies.dat").exists()
+               for d in (data_dir, data_dir / "ml-1m")):
+        raise SystemExit(f"no MovieLens-1M ratings.dat and movies.dat in {data_dir} or "
+                         f"{data_dir / 'ml-1m'} (fetch with `liber data fetch`, or pass --data-dir)")
+    ratings = movielens.load_ratings(data_dir, "ml-1m")
+    movies = {m.item_id: m for m in movielens.load_items(data_dir, "ml-1m")}
+    vocab = sorted({g for m in movies.values() for g in m.genres})
+    users = sorted({r.user_id for r in ratings})
+    sample = set(random.Random(args.seed).sample(users, min(args.sample_users, len(users))))
+    closed = _partitions(ratings, sample, args.partition_events)
+    vectors = _user_vectors(ratings, movies, vocab)
+    ids = sorted(vectors)
+    router = PoolRouter(kmeans([vectors[u] for u in ids], n_clusters, seed=args.seed),
+                        groups_per_request=settings.dare_genre_pools)
+    warm_parts, measured_parts = _plan(closed, args.prompts, args.warm, args.seed)
+    timings["data_s"] = round(time.perf_counter() - t, 2)
+    _log(args, f"{len(closed)} partitions of {len(sample)} users; warm {len(warm_parts)}, "
+               f"measured {len(measured_parts)} ({timings['data_s']} s)")
+
+    history: dict[str, list] = {}   # user -> genres of items seen so far (for the user vector)
+
+    def request(part, previous):
+        items = [movies[e[1]] for e in part.events]
+        history.setdefault(part.user_id, []).extend(m.genres for m in items)
+        from llm_workers.dare.routing import group_histogram
+        vec = group_histogram(history[part.user_id], vocab)
+        rows = [(m.title, m.genres, e[4]) for m, e in zip(items, part.events)]
+        return (uil_prompts.prompt_ids(tokenizer, rows, previous),
+                router.pools(vec, [m.genres for m in items]))
+
+    pool_config = PoolConfig(max_ngram=settings.dare_max_ngram, max_tokens=settings.dare_pool_max_tokens)
+    tmp = None
+    pool_dir = args.pool_dir
+    try:
+        import rocksdict  # noqa: F401
+        if pool_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="dare-pools-")
+            pool_dir = tmp.name
+    except ImportError:
+        pool_dir = None
+    store = PoolStore(str(Path(pool_dir) / "pools") if pool_dir else None, pool_config)
+    store.put_meta("router", router.to_meta())
+    stats = DareStats()
+    common = dict(top_k=top_k, min_prob=min_prob, context_pool=not args.no_context_pool, stats=stats)
+
+    # Warm the device (first calls are slow) without touching pools.
+    warmup = DareDecoder(model, None, "plain", **common)
+    warmup.generate(request(measured_parts[0], None)[0][:64], max_new_tokens=8)
+    history.clear()
+
+    t = time.perf_counter()
+    warm_decoder = DareDecoder(model, store, "strict", draft_len=draft_len, **common)
+    summaries: dict[tuple, str] = {}
+    warm_tokens = 0
+    for i, part in enumerate(warm_parts):
+        previous = summaries.get((part.user_id, part.seq - 1))
+        prompt, pools = request(part, previous)
+        gen = warm_decoder.generate(prompt, pools, args.max_new_tokens)
+        warm_decoder.feed(prompt, gen.tokens, pools + [GLOBAL_POOL])
+        summaries[(part.user_id, part.seq)] = uil_prompts.next_context(
+            tokenizer.decode(gen.tokens, skip_special_tokens=True))
+        warm_tokens += len(gen.tokens)
+        _log(args, f"warm {i + 1}/{len(warm_parts)}: {len(gen.tokens)} tokens, {gen.total_s:.2f} s, "
+                   f"mean accepted {gen.mean_accepted_len:.2f}")
+    timings["warm_s"] = round(time.perf_counter() - t, 2)
+    warm_stats = stats.snapshot()
+    stats.reset()
+
+    persisted = None
+    if store.path:
+        before = store.stats()
+        store.close()
+        t = time.perf_counter()
+        store = PoolStore(store.path, pool_config)
+        persisted = {"path": store.path, "reloaded_equal": store.stats() == before,
+                     "reload_s": round(time.perf_counter() - t, 3),
+                     "router_reloaded": store.get_meta("router") == router.to_meta()}
+
+    requests = []
+    for part in measured_parts:
+        prompt, pools = request(part, summaries.get((part.user_id, part.seq - 1)))
+        requests.append((prompt, pools))
+
+    decoders = {}
+    for name in methods:
+        mode, which = METHODS[name]
+        pools = store.clone() if which else None
+        decoders[name] = (DareDecoder(model, pools, mode, draft_len=draft_len,
+                                      **{**common, "stats": DareStats()}), which)
+
+    results = {name: [] for name in methods}
+    for i, (prompt, pools) in enumerate(requests):
+        for name in methods:
+            decoder, which = decoders[name]
+            names = pools if which == "routed" else [GLOBAL_POOL] if which == "global" else []
+            gen = decoder.generate(prompt, names, args.max_new_tokens)
+            decoder.feed(prompt, gen.tokens, names)
+            results[name].append(gen)
+        _log(args, f"prompt {i + 1}/{len(requests)} ({len(prompt)} tokens): " + ", ".join(
+            f"{n} {len(results[n][-1].tokens) / results[n][-1].total_s:.1f} tok/s" for n in methods))
+
+    hf = None
+    if args.hf_baseline:
+        hf = _hf_generate(model, requests, args.max_new_tokens, warmup.eos, results["plain"])
+
+    per_pool = {name: decoders[name][0].stats.snapshot().get(METHODS[name][0], {}) for name in methods}
+    report = _report(args, results, methods, per_pool, requests, device, model, torch)
+    report["machine"]["load_avg_1m_at_start"] = load_at_start
+    if device == "cpu" and not args.threads:
+        report["machine"]["threads_note"] = THREADS_NOTE
+    report.update(draft_len=draft_len, top_k=top_k, min_prob=min_prob, clusters=len(router.centroids),
+                  context_pool=not args.no_context_pool, warm_generations=len(warm_parts),
+                  warm_tokens=warm_tokens, warm_stats=warm_stats, timings=timings,
+                  pools={"count": len(store.names()),
+                         "tokens": sum(s["tokens"] for s in store.stats().values()),
+                         "persisted": persisted},
+                  example={"pools": requests[0][1],
+                           "plain": tokenizer.decode(results["plain"][0].tokens, skip_special_tokens=True),
+                           **({"relaxed": tokenizer.decode(results["relaxed"][0].tokens,
+                                                           skip_special_tokens=True)}
+                              if "relaxed" in results else {})})
+    if hf is not None:
+        report["hf_generate"] = hf
+    store.close()
+    if tmp is not None:
+        tmp.cleanup()
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _hf_generate(model, requests, max_new_tokens, eos, plain):
+    import torch
+    total_t, total_n, same = 0.0, 0, True
+    with torch.inference_mode():
+        for (prompt, _), ref in zip(requests, plain):
+            ids = torch.tensor([prompt], device=model.device)
+            t = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                                 pad_token_id=sorted(eos)[0])
+            if ids.device.type == "cuda":
+                torch.cuda.synchronize()
+            total_t += time.perf_counter() - t
+            toks = out[0, len(prompt):].tolist()
+            total_n += len(toks)
+            same &= toks == ref.tokens
+    return {"tok_s": round(total_n / total_t, 2), "tokens": total_n, "identical_to_plain": same}
+
+
+def _machine(device, torch) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "device": device, "torch": torch.__version__, "python": platform.python_version()}
+    if hasattr(os, "getloadavg"):
+        out["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    try:
+        import transformers
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _report(args, results, methods, stats, requests, device, model, torch) -> dict:
+    def summary(gens):
+        tokens = sum(len(g.tokens) for g in gens)
+        secs = sum(g.total_s for g in gens)
+        decode = sum(g.total_s - g.prefill_s for g in gens)
+        drafts = sum(g.drafts for g in gens)
+        acc = sum(g.accepted_tokens for g in gens)
+        steps = sum(g.steps for g in gens)
+        cpu = sum(g.cpu_s for g in gens)
+        return {"tokens": tokens, "seconds": round(secs, 3), "tok_s": round(tokens / secs, 2),
+                "cpu_seconds": round(cpu, 3), "tok_per_cpu_s": round(tokens / cpu, 2),
+                "decode_tok_s": round(sum(len(g.tokens) - 1 for g in gens) / decode, 2) if decode else 0.0,
+                "steps": steps, "tokens_per_step": round((tokens - len(gens)) / steps, 3) if steps else 0.0,
+                "drafts": drafts, "draft_tokens": sum(g.draft_tokens for g in gens),
+                "accepted_tokens": acc,
+                "mean_accepted_len": round(acc / drafts, 3) if drafts else 0.0,
+                "acceptance_rate": round(acc / max(1, sum(g.draft_tokens for g in gens)), 3)}
+
+    per = {m: summary(results[m]) for m in methods}
+    for m in methods:
+        if m != "plain":
+            per[m]["per_pool"] = {p: c for p, c in stats[m].items() if p != "*"}
+        per[m]["speedup"] = round(per[m]["tok_s"] / per["plain"]["tok_s"], 3)
+        per[m]["cpu_time_speedup"] = round(per[m]["tok_per_cpu_s"] / per["plain"]["tok_per_cpu_s"], 3)
+    plain = [g.tokens for g in results["plain"]]
+    report = {"benchmark": "dare", "machine": _machine(device, torch),
+              "model": getattr(model.config, "_name_or_path", "") or args.model_dir,
+              "dtype": args.dtype, "prompts": len(requests),
+              "prompt_tokens_mean": round(sum(len(p) for p, _ in requests) / len(requests), 1),
+              "max_new_tokens": args.max_new_tokens,
+              "tokens": {m: per[m]["tokens"] for m in methods}}
+    for m in methods:
+        report[f"{m}_tok_s"] = per[m]["tok_s"]
+        if m != "plain":
+            report[f"{m}_speedup"] = per[m]["speedup"]
+    report["mean_accepted_len"] = {m: per[m]["mean_accepted_len"] for m in methods if m != "plain"}
+    for m in methods:
+        if METHODS[m][0] == "strict":
+            key = "strict_identical" if m == "strict" else f"{m}_identical"
+            report[key] = [g.tokens for g in results[m]] == plain
+    if "relaxed" in methods:
+        report["relaxed_same_tokens_share"] = round(
+            sum(a == b for g, p in zip(results["relaxed"], plain) for a, b in zip(g.tokens, p))
+            / max(1, sum(len(p) for p in plain)), 3)
+    report["methods"] = per
+    return report
+
+
+def _settings():
+    """The project's Settings; on a bare machine without Python 3.11's tomllib, the DARE
+    defaults (kept equal to liber/settings.py's by test_dare_bench) and LIBER_HOME."""
+    try:
+        from liber.settings import Settings
+    except ImportError:
+        from types import SimpleNamespace
+        home = os.environ.get("LIBER_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "liber-stream")
+        return SimpleNamespace(home=home, **FALLBACK_DEFAULTS)
+    return Settings.load()
+
+
+FALLBACK_DEFAULTS = dict(dare_draft_len=15, dare_top_k=2, dare_min_prob=0.1, dare_clusters=8,
+                         dare_genre_pools=2, dare_max_ngram=8, dare_pool_max_tokens=50_000)
+
+
+def _load_model(args, settings, device):
+    """(model, tokenizer): --model-dir loaded directly (any transformers version), else the
+    project's model store (SmolLM2-135M-Instruct, converted once from the GGUF package)."""
+    if not args.model_dir:
+        from llm_workers import model_store
+        return model_store.load(settings.home, model_store.DEFAULT_MODEL, device=device, dtype=args.dtype)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(args.model_dir).expanduser()
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model-dir {path}: no config.json (not a transformers model directory)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    dtype = getattr(torch, args.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except TypeError:                      # transformers < 4.56 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype)
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def main(argv=None, settings=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_workers.dare.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON only (the default here)")
+    args = parser.parse_args(argv)
+    if settings is None:
+        settings = _settings()
+    print(json.dumps(run(args, settings), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""`liber llm-worker` end to end through the real broker, with the real SmolLM2-135M model.
+
+partitions.closed -> llm-worker (subprocess) -> summaries / partitions.closed.dlq
+"""
+from __future__ import annotations
+
+import pytest
+
+from llm_workers import prompts
+from llm_workers.prompts import Activity
+from llm_workers.state import Store
+from streams.dead_letter import DETAIL, REASON, SOURCE_OFFSET, SOURCE_TOPIC
+from streams.producer import BehaviorProducer
+from streams.records import ClosedPartition, PartitionEvent, Summary, decode
+from streams.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics, dlq
+from tests.kafka_io import read_topic
+
+pytestmark = pytest.mark.kafka
+T0 = 1_000_000_000.0
+GENRES = {"crime": ["Heat (1995) [Action|Crime|Thriller]", "Casino (1995) [Crime|Drama]",
+                    "Se7en (1995) [Crime|Thriller]"],
+          "kids": ["Babe (1995) [Children's|Comedy]", "Toy Story (1995) [Animation|Children's]"],
+          "romance": ["Sabrina (1995) [Comedy|Romance]", "Persuasion (1995) [Romance]"]}
+
+
+def partition(user: str, seq: int, titles: list[str], ratings: list[float]) -> ClosedPartition:
+    events = tuple(PartitionEvent(f"{user}-{seq}-{i}", f"i{i}", "rate", T0 + 3600 * seq + i, r, t)
+                   for i, (t, r) in enumerate(zip(titles, ratings)))
+    return ClosedPartition(user, seq, events, events[0].ts, events[-1].ts, "max_events")
+
+
+def send(settings, *records: ClosedPartition | tuple[bytes, bytes]) -> None:
+    with BehaviorProducer(settings) as producer:
+        for record in records:
+            if isinstance(record, ClosedPartition):
+                producer.send_raw(PARTITIONS_CLOSED, record.user_id.encode(), record.encode())
+            else:
+                producer.send_raw(PARTITIONS_CLOSED, *record)
+
+
+def llm_settings(settings, **overrides):
+    base = dict(llm_max_new_tokens=32, llm_batch_size=4, llm_batch_wait_s=0.3, llm_threads=1,
+                llm_collective_min_users=2, llm_price_in_per_1k=0.5, llm_price_out_per_1k=1.5,
+                log_level="INFO")
+    return settings.replace(**{**base, **overrides})
+
+
+def summaries_by_key(settings, expect: int) -> dict[tuple[str, int], list[bytes]]:
+    out: dict[tuple[str, int], list[bytes]] = {}
+    for rec in read_topic(settings, SUMMARIES, expect=expect, timeout=30):
+        s = decode(Summary, rec.value, key=rec.key)
+        out.setdefault((s.user_id, s.seq), []).append(rec.value)
+    return out
+
+
+def test_cascade_collective_idempotence_and_restart(settings, start_worker):
+    settings = llm_settings(settings)
+    create_topics(settings, log=lambda m: None)
+    crime, kids = GENRES["crime"], GENRES["kids"]
+    u1 = [partition("u1", 0, crime, [5, 4, 5]), partition("u1", 1, kids + crime[:1], [1, 2, 5]),
+          partition("u1", 2, GENRES["romance"], [4, 5])]
+    u2 = [partition("u2", 0, crime, [5, 5, 4]), partition("u2", 1, kids, [4, 4])]
+    send(settings, u1[0], u2[0], u1[1], u2[1], u1[0],  # u1 seq 0 again: a redelivery
+         (b"u9", b"{not json"))
+    worker = start_worker(settings, "llm-worker")
+    worker.wait_metric("liber_llm_summaries_total", 4, timeout=150)
+    worker.wait_metric("liber_llm_redelivered_total", 1, action="republished", timeout=30)
+    # u1 and u2 were cold users of cluster Crime|Thriller (their liked genres): two cold users of
+    # a cluster make its collective summary, which the next cold user of the cluster starts from.
+    worker.wait_metric("liber_llm_collective_summaries_total", 1, timeout=60)
+    u3 = partition("u3", 0, crime, [5, 4, 5])  # same first ratings as u1: same cluster
+    send(settings, u3)
+    worker.wait_metric("liber_llm_summaries_total", 5, timeout=60)
+
+    got = summaries_by_key(settings, expect=6)
+    assert sorted(got) == [("u1", 0), ("u1", 1), ("u2", 0), ("u2", 1), ("u3", 0)]
+    assert len(got["u1", 0]) == 2 and got["u1", 0][0] == got["u1", 0][1]  # identical republish
+    s = {k: decode(Summary, v[0], key=k[0].encode()) for k, v in got.items()}
+    for k, summary in s.items():
+        assert summary.partition_summary and summary.cascaded_summary
+        assert summary.tokens_in > 0 and 0 < summary.tokens_out <= 32
+        assert summary.backend == "transformers" and summary.model == "smollm2-135m-instruct"
+        assert summary.mode == "cascade" and summary.template == prompts.TEMPLATE_VERSION
+    assert s["u1", 0].context == "none" and s["u3", 0].context == "collective:Crime|Thriller"
+    # seq n+1 was prompted with summary n: rebuild the exact prompt and compare hashes
+    for user, parts in (("u1", u1), ("u2", u2)):
+        expected = prompts.cascade_prompt(
+            [Activity(e.text, e.action, e.value) for e in parts[1].events],
+            context=s[user, 0].cascaded_summary, context_kind=prompts.CONTEXT_PREVIOUS,
+            max_title_chars=settings.llm_max_title_chars,
+            max_context_chars=settings.llm_max_summary_chars)
+        assert s[user, 1].context == "previous"
+        assert s[user, 1].prompt_sha256 == expected.sha256()
+    assert worker.metric("liber_llm_dead_lettered_total", reason="malformed_json") == 1
+    dead = read_topic(settings, dlq(PARTITIONS_CLOSED), expect=1, timeout=20)
+    assert [dict(r.headers)[REASON] for r in dead] == [b"malformed_json"]
+    assert worker.metric("liber_llm_tokens_in_total") >= sum(x.tokens_in for x in s.values())
+    assert worker.metric("liber_llm_cost_total") > 0
+    assert worker.metric("liber_llm_latency_seconds_count") >= 2
+    assert worker.stop() == 0
+
+    # The state is in RocksDB: the last prompt of u1 (debug) holds summary 0 as context.
+    store = Store(settings.state_path / "llm-worker")
+    try:
+        last = store.last_prompt("u1")
+        assert last["seq"] == 1 and s["u1", 0].cascaded_summary[:60] in last["user"]
+        assert store.user("u1")["summary"] == s["u1", 1].cascaded_summary
+    finally:
+        store.close()
+
+    # Restart: the cascade goes on from the stored summary; a redelivery gets the same bytes.
+    worker = start_worker(settings, "llm-worker")
+    send(settings, u1[2], u2[0])
+    worker.wait_metric("liber_llm_summaries_total", 1, timeout=120)
+    worker.wait_metric("liber_llm_redelivered_total", 1, timeout=30)
+    got = summaries_by_key(settings, expect=8)
+    s2 = decode(Summary, got["u1", 2][0], key=b"u1")
+    assert s2.context == "previous" and s2.prompt_sha256 == prompts.cascade_prompt(
+        [Activity(e.text, e.action, e.value) for e in u1[2].events],
+        context=s["u1", 1].cascaded_summary, context_kind=prompts.CONTEXT_PREVIOUS,
+        max_title_chars=settings.llm_max_title_chars,
+        max_context_chars=settings.llm_max_summary_chars).sha256()
+    assert len(set(got["u2", 0])) == 1 and len(got["u2", 0]) == 2
+
+
+def test_failures_retry_then_dead_letter_without_holding_up_others(settings, start_worker):
+    settings = llm_settings(settings, llm_backend="failing", llm_fail_marker="POISON",
+                            llm_fail_first=1, llm_max_attempts=3, llm_retry_backoff_s=0.2,
+                            llm_collective_min_users=0, llm_max_queue=2)  # pauses the consumer
+    create_topics(settings, log=lambda m: None)
+    poison = partition("p", 0, ["POISON (1995) [Horror]", "Heat (1995) [Action]"], [5, 4])
+    after = partition("p", 1, GENRES["romance"], [5, 5])
+    ok = [partition("n", 0, GENRES["crime"], [5, 5, 4]), partition("n", 1, GENRES["kids"], [2, 1])]
+    send(settings, ok[0])
+    worker = start_worker(settings, "llm-worker")
+    worker.wait_metric("liber_llm_errors_total", 1, kind="backend", timeout=120)  # transient
+    send(settings, poison, after, ok[1])
+    worker.wait_metric("liber_llm_dead_lettered_total", 1, reason="llm_failed", timeout=150)
+    worker.wait_metric("liber_llm_summaries_total", 3, timeout=120)
+
+    dead = read_topic(settings, dlq(PARTITIONS_CLOSED), expect=1, timeout=20)
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert headers[REASON] == b"llm_failed" and b"POISON" in headers[DETAIL]
+    assert b"3 tries" in headers[DETAIL]
+    assert headers[SOURCE_TOPIC] == settings.topic(PARTITIONS_CLOSED).encode()
+    assert dead[0].value == poison.encode() and dead[0].key == b"p"
+    int(headers[SOURCE_OFFSET])
+
+    got = summaries_by_key(settings, expect=3)
+    assert sorted(got) == [("n", 0), ("n", 1), ("p", 1)]  # p's next partition went on
+    assert decode(Summary, got["p", 1][0], key=b"p").context == "none"
+    # n's first try failed (transient) and its retry succeeded; the poison failed 3 times
+    assert worker.metric("liber_llm_errors_total", kind="backend") == 4
+    assert worker.metric("liber_llm_retries_total") == 3
+    assert worker.metric("liber_llm_calls_total", outcome="backend") == 4
+    assert worker.metric("liber_llm_queue_depth") == 0
+    assert worker.metric("liber_llm_consumer_pauses_total") >= 1  # 4 records, queue of 2
+    assert worker.metric("liber_llm_consumer_paused") == 0  # resumed once the queue drained
+
+
+def test_naive_mode_resummarises_the_stored_history(settings, start_worker):
+    settings = llm_settings(settings, llm_mode="naive", llm_max_new_tokens=16,
+                            llm_collective_min_users=0)
+    create_topics(settings, log=lambda m: None)
+    parts = [partition("v", 0, GENRES["crime"], [5, 4, 5]), partition("v", 1, GENRES["kids"], [1, 2])]
+    send(settings, *parts)
+    worker = start_worker(settings, "llm-worker")
+    worker.wait_metric("liber_llm_summaries_total", 2, mode="naive", timeout=120)
+    got = summaries_by_key(settings, expect=2)
+    second = decode(Summary, got["v", 1][0], key=b"v")
+    assert second.mode == "naive" and second.context == "history"
+    expected = prompts.naive_prompt([Activity(e.text, e.action, e.value) for e in parts[0].events],
+                                    [Activity(e.text, e.action, e.value) for e in parts[1].events])
+    assert second.prompt_sha256 == expected.sha256()  # the whole history, no summary
+    assert worker.stop() == 0
+    store = Store(settings.state_path / "llm-worker")
+    try:
+        assert len(store.history("v")) == 5
+        assert "Heat (1995)" in store.last_prompt("v")["user"]
+    finally:
+        store.close()
