@@ -14,6 +14,7 @@ from kafka.partitioner.default import murmur2
 from liber.settings import Settings
 from ops import metrics
 from streams import dead_letter, partitioner
+from streams import drift as drift_rule
 from streams.quiet_users import QuietUsers
 from streams.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item, PartitionEvent,
                              decode)
@@ -73,6 +74,11 @@ def create_app(settings: Settings) -> faust.App:
                            key_type=bytes)  # values: JSON dicts (see streams.partitioner)
     rules = partitioner.CloseRules.from_settings(settings)
     quiet = QuietUsers(rules)
+    # Item embeddings for the drift rule, shared by all workers like the item text.
+    item_vectors = app.GlobalTable(drift_rule.ITEM_VECTORS_TABLE,
+                                   partitions=settings.topic_partitions,
+                                   key_type=bytes, value_type=bytes)
+    vectors = drift_rule.ItemVectors(drift_rule.Overlay(item_vectors))
 
     def dead_letter_send(name: str, event, reason: str, detail: str) -> None:
         msg = event.message
@@ -95,6 +101,12 @@ def create_app(settings: Settings) -> faust.App:
             text = text_cache[item_id] = stored.decode("utf-8")
         return text
 
+    def known_text(item_id: str) -> str | None:
+        text = text_of(item_id)
+        return None if text == f"item {item_id}" else text
+
+    drift = drift_rule.DriftRule.from_settings(settings, vectors, text_of=known_text)
+
     def publish(closed: partitioner.Closed) -> None:
         events = [PartitionEvent(event_id, item_id, action, ts, value, text_of(item_id))
                   for event_id, item_id, action, ts, value in closed.events]
@@ -105,16 +117,29 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(items)
     async def load_items(stream):
-        async for event in stream.events():
-            try:
-                item = decode(Item, event.message.value, key=event.message.key,
-                              max_bytes=settings.max_payload_bytes)
-            except InvalidRecord as exc:
-                dead_letter_send(ITEMS, event, exc.reason, exc.detail)
-                continue
-            item_text[item.item_id.encode()] = item.text().encode("utf-8")
-            text_cache.pop(item.item_id, None)
-            metrics.ITEMS_LOADED.inc()
+        async for batch in stream.take_events(256, within=0.5):
+            good = []
+            for event in batch:
+                try:
+                    good.append((event, decode(Item, event.message.value, key=event.message.key,
+                                               max_bytes=settings.max_payload_bytes)))
+                except InvalidRecord as exc:
+                    dead_letter_send(ITEMS, event, exc.reason, exc.detail)
+            if drift is not None:  # one batched encode for the new or changed titles
+                vectors.put_texts({item.item_id: item.text() for _, item in good})
+            pending = stream.current_event
+            for event, item in good:
+                stream._set_current_event(event)
+                key = item.item_id.encode()
+                item_text[key] = item.text().encode("utf-8")
+                text_cache.pop(item.item_id, None)
+                if drift is not None:
+                    value = vectors.store.get(key)
+                    if item_vectors.get(key) != value:
+                        item_vectors[key] = value
+                metrics.ITEMS_LOADED.inc()
+            # take_events records the current event as the next one it buffers: restore it.
+            stream._set_current_event(pending)
 
     def apply_batch(batch) -> dict:
         """Apply a batch of events; returns {user key: (new state, an event of that user)}
@@ -150,7 +175,7 @@ def create_app(settings: Settings) -> faust.App:
             return REPLAYED  # redelivered after a crash; the recovered state already has it
         outcome, closed = partitioner.add_event(state, record.user_id, record.event_id,
                                                 record.item_id, record.action, record.ts,
-                                                record.value, rules)
+                                                record.value, rules, drift)
         if outcome == partitioner.LATE:
             raise InvalidRecord("late", f"ts={record.ts} older than the user's newest event "
                                         f"minus max_lateness_s={rules.max_lateness_s}")
@@ -206,12 +231,17 @@ def create_app(settings: Settings) -> faust.App:
             # they were produced, and the state before the batch is acked (offsets commit after
             # acks). A crash in between re-produces outputs, identically: never loses them.
             await make_durable()
+            pending = stream.current_event
             for key, (state, event) in touched.items():
                 # Faust's RocksDB store files a write under the *current* event's partition:
                 # make it an event of this user, not the last one of the batch.
                 stream._set_current_event(event)
                 user_state[key] = state
+            # take_events records the current event as the next one it buffers (it may have
+            # arrived meanwhile): restore it, or that event is replaced by a stale one.
+            stream._set_current_event(pending)
             await make_durable()
 
-    app.liber_tables = {"user_state": user_state, "item_text": item_text}
+    app.liber_tables = {"user_state": user_state, "item_text": item_text,
+                        "item_vectors": item_vectors}
     return app

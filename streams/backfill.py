@@ -75,7 +75,8 @@ _CONTROL = r"[\x00-\x08\x0b-\x1f\x7f]"
 
 
 class BackfillRefused(RuntimeError):
-    """Running would overwrite a worker's state (or the input is unusable); nothing was written."""
+    """Running would overwrite a worker's state, the input is unusable or Kafka unreachable;
+    nothing was written."""
 
 
 def changelog_topic(settings: Settings, table: str = STATE_TABLE) -> str:
@@ -445,8 +446,13 @@ def run(settings: Settings, path: str | Path, *, force: bool = False, items: boo
         timings[name] = round(now - since, 3)
         return now
 
-    create_topics(settings, log=lambda m: None)
-    admin = _admin(settings)
+    table = read_events(path)  # a bad file is refused before anything touches Kafka
+    from kafka.errors import KafkaError
+    try:
+        create_topics(settings, log=lambda m: None)
+        admin = _admin(settings)
+    except KafkaError as exc:
+        raise BackfillRefused(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from None
     try:
         problems = check_group_idle(settings, admin)
         if problems and not force:
@@ -467,7 +473,6 @@ def run(settings: Settings, path: str | Path, *, force: bool = False, items: boo
         admin.close()
     t = lap("check", start)
 
-    table = read_events(path)
     result.rows = table.num_rows
     reasons = reject_reasons(table, now=time.time(), max_future_s=settings.max_future_s)
     bad = pc.is_valid(reasons)

@@ -9,14 +9,18 @@ Close rules, checked in this order, any one closes (the reason is recorded):
   max_gap   - the new event comes more than `max_gap_s` after the cache's last event: the cache
               closes *before* the new event, which starts the next cache;
   max_span  - the new event comes more than `max_span_s` after the cache's first event: same;
+  drift     - (optional) the new item's embedding is farther than a threshold from the cache
+              centroid (streams/drift.py): the cache closes *before* the new event;
   max_events- after adding, the cache holds `max_events` events: it closes *with* the event.
 Lateness: an event older than the user's watermark minus `max_lateness_s` is `late` (the caller
 dead-letters it); a less late one joins the open cache (partitions keep events in time order).
-Duplicates: an `event_id` among the last `dedup_window` ids of the user is counted once.
+Duplicates: an `event_id` among the last `dedup_window` ids of the user is counted once, and so
+is an event at or before `backfill_until` (history already loaded by `liber backfill`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 ACCEPTED, DUPLICATE, LATE = "accepted", "duplicate", "late"
 
@@ -66,8 +70,13 @@ def _close(user_id: str, state: dict, reason: str) -> Closed:
 
 
 def add_event(state: dict, user_id: str, event_id: str, item_id: str, action: str, ts: float,
-              value: float | None, rules: CloseRules) -> tuple[str, list[Closed]]:
-    """Apply one event to `state` in place; returns (outcome, partitions closed by it)."""
+              value: float | None, rules: CloseRules,
+              drift: Callable[[list[str], str], bool] | None = None) -> tuple[str, list[Closed]]:
+    """Apply one event to `state` in place; returns (outcome, partitions closed by it).
+    `drift(cache item ids, new item id)` says whether the new item drifts from the cache."""
+    until = state.get("backfill_until")
+    if until is not None and ts <= until:
+        return DUPLICATE, []
     if event_id in state["recent"] or any(e[0] == event_id for e in state["events"]):
         return DUPLICATE, []
     watermark = state["watermark"]
@@ -80,6 +89,8 @@ def add_event(state: dict, user_id: str, event_id: str, item_id: str, action: st
             closed.append(_close(user_id, state, "max_gap"))
         elif ts - min(e[3] for e in cache) > rules.max_span_s:
             closed.append(_close(user_id, state, "max_span"))
+        elif drift is not None and drift([e[1] for e in cache], item_id):
+            closed.append(_close(user_id, state, "drift"))
     state["events"].append([event_id, item_id, action, ts, value])
     state["watermark"] = ts if watermark is None else max(watermark, ts)
     recent = state["recent"]

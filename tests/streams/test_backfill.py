@@ -82,6 +82,15 @@ def test_histories_are_sorted_per_user_and_duplicates_counted_once():
     assert states["u1"]["recent"] == ["a", "b", "c", "d"]
 
 
+def test_changelog_topic_is_the_worker_tables_changelog():
+    from streams.app import create_app
+    settings = base_settings(app_id="bf-name-check")
+    table = create_app(settings).liber_tables["user_state"]
+    assert table.name == backfill.STATE_TABLE and table.use_partitioner
+    assert table.changelog_topic.get_topic_name() == backfill.changelog_topic(settings) \
+        == "bf-name-check-ubsp-state-changelog"
+
+
 def test_key_partition_is_kafkas_murmur2():
     # Reference hashes from the Java client's tests (Utils.murmur2, signed int32); its default
     # partitioner takes toPositive(hash) % n, i.e. hash & 0x7fffffff.
