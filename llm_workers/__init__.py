@@ -1,1 +1,1 @@
-"""LLM workers: cascaded interest summaries (UIL) and DARE decoding. Not built yet (issues 4, 5)."""
+"""LLM workers: cascaded interest summaries (UIL, `service.py`) and DARE decoding (`dare/`)."""

@@ -1,1 +1,1 @@
-"""Text encoder, fusion, hybrid-expert adaptor and CTR models. Not built yet (issue 6)."""
+"""Models: the item/summary text encoder (all-MiniLM-L6-v2). Fusion, adaptor and CTR models: issue 6."""

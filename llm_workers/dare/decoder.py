@@ -10,6 +10,10 @@ at those positions verify the draft:
             `min_prob` (DARE's rule; defaults k=2, p=0.1);
   plain   - no drafts: ordinary greedy decoding through the same loop (the baseline).
 
+Drafts come from the request's pools and, with `context_pool`, from the request's own text
+(prompt + generated so far, indexed as it grows: REST's datastore plus prompt lookup), through
+one `PoolStore.draft` call; the longest suffix match across them wins.
+
 Verification stops at the first rejected token, where the model's own argmax is taken instead
 (or, when all were accepted, the model's next token after the draft is added for free). The
 cache entries of the rejected draft tokens are cropped, so every step reuses the cache.
@@ -94,7 +98,7 @@ class DareDecoder:
             config = self._drafter.config
             own = SuffixIndex(max_ngram=config.max_ngram, min_ngram=config.min_ngram,
                               max_tokens=1 << 30)
-            own_id, _ = own.add(context)
+            own_id, _ = own.add(context, growing=True)
             extra = {CONTEXT_POOL: own}
         while len(gen.tokens) < max_new_tokens and last not in self.eos:
             budget = max_new_tokens - len(gen.tokens)      # the step adds accepted + 1 tokens

@@ -104,6 +104,8 @@ class SuffixIndex:
 
     def extend(self, seq_id: int, tokens: Sequence[int]) -> None:
         """Append tokens to a growing sequence (no eviction: the caller bounds its length)."""
+        if seq_id not in self._open:   # its last positions were sorted on their final keys
+            raise ValueError(f"sequence {seq_id} was not added with growing=True (or is closed)")
         seq = self._seqs[seq_id]
         seq.extend(tokens)
         self._tokens += len(tokens)

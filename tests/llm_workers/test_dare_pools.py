@@ -65,6 +65,29 @@ def test_a_growing_sequence_is_indexed_as_its_keys_complete():
     assert index.draft([7, 1, 2], 4) == [3, 1, 2]
     index.close(sid)
     assert index.keys == 5
+    with pytest.raises(ValueError):
+        index.extend(sid, [4])                 # closed: its tail keys are final
+    other, _ = index.add([5, 6])
+    with pytest.raises(ValueError):
+        index.extend(other, [7])
+
+
+def test_a_growing_sequence_matches_like_brute_force_as_it_grows():
+    rng = random.Random(5)
+    tokens = [rng.randrange(4) for _ in range(120)]
+    index = SuffixIndex(max_ngram=4, min_ngram=2, max_occurrences=1000)
+    sid, _ = index.add(tokens[:10], growing=True)
+    for end in range(10, 120, 3):
+        if end > 10:
+            index.extend(sid, tokens[end - 3:end])
+        seq = tokens[:end]
+        for n in range(4, 1, -1):   # brute force over the positions whose 4 tokens exist
+            gram = seq[-n:]
+            want = sorted(p + n for p in range(0, end - 4 + 1) if seq[p:p + n] == gram and p + n < end)
+            if want:
+                break
+        m = index.match(seq)
+        assert (m.length, sorted(p for _, p in m.places)) == ((n, want) if want else (0, []))
 
 
 def test_longest_suffix_match_agrees_with_brute_force():

