@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the stream worker (UBSP agent, RocksDB state)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("demo", help="local broker + MovieLens replay + worker, then show results")
+    p = sub.add_parser("demo", help="local broker, stream and LLM workers, MovieLens replay, results")
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
     p.add_argument("--users", type=int, default=5,
                    help="replay the first N users (0: all; the LLM summarises every partition)")

@@ -211,7 +211,8 @@ def create_app(settings: Settings) -> faust.App:
                     quiet.track(partition, key, state)
 
     def rebuild_quiet_index() -> None:
-        """After a start or a rebalance the index is rebuilt from the table's local state."""
+        """At the first batch after start, index the open caches in the recovered table. (After
+        a rebalance, users of newly assigned partitions join the index when they next send.)"""
         quiet.open.clear()
         for key, state in user_state.items():
             if state and state["events"]:
