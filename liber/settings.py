@@ -65,7 +65,6 @@ class Settings:
     drift_min_events: int = field(default=5, metadata={"help": "drift closes only caches of at least this many events"})
     # --- worker ------------------------------------------------------------------
     batch_size: int = field(default=500, metadata={"help": "events taken from the stream per batch"})
-    batch_within_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
     # --- LLM workers (UIL) ---------------------------------------------------------
     llm_backend: str = field(default="transformers",
                              metadata={"help": "transformers, failing (tests: injects failures) or module:factory"})
@@ -152,7 +151,7 @@ class Settings:
                      "batch_size", "dedup_window"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        for name in ("max_gap_s", "max_span_s", "max_future_s", "batch_within_s", "max_lateness_s"):
+        for name in ("max_gap_s", "max_span_s", "max_future_s", "max_lateness_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be > 0")
         if not 0 <= self.drift_threshold <= 2:

@@ -5,6 +5,7 @@ dead-lettered with its reason instead of crashing Faust's deserializer.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -40,6 +41,43 @@ def faust_broker_options(settings: Settings) -> dict:
 def _ssl_context(settings: Settings):
     import ssl
     return ssl.create_default_context(cafile=settings.ssl_cafile or None)
+
+
+async def batches(stream, max_size: int, wait_s: float = 0.05):
+    """Events in batches of up to `max_size`, cut short when none arrives for `wait_s`. Acks
+    are left to the caller, who acks once the batch's effects are durable. (Faust's
+    `take_events` is not used: after an await it files the stream's *current* event into its
+    buffer, which can swap one event for another.)"""
+    stream.enable_acks = False
+    queue: asyncio.Queue = asyncio.Queue(maxsize=max_size)
+
+    async def pump() -> None:
+        async for event in stream.events():
+            await queue.put(event)
+
+    pumping = asyncio.ensure_future(pump())
+    try:
+        while True:
+            getting = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getting, pumping}, return_when=asyncio.FIRST_COMPLETED)
+            if not getting.done():
+                getting.cancel()
+                pumping.result()  # the stream ended or failed: re-raise here
+                return
+            batch = [getting.result()]
+            while len(batch) < max_size:
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), wait_s))
+                except asyncio.TimeoutError:
+                    break
+            yield batch
+    finally:
+        pumping.cancel()
+
+
+async def ack_all(stream, batch) -> None:
+    for event in batch:
+        await stream.ack(event)
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -117,7 +155,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(items)
     async def load_items(stream):
-        async for batch in stream.take_events(256, within=0.5):
+        async for batch in batches(stream, 256):
             good = []
             for event in batch:
                 try:
@@ -138,8 +176,8 @@ def create_app(settings: Settings) -> faust.App:
                     if item_vectors.get(key) != value:
                         item_vectors[key] = value
                 metrics.ITEMS_LOADED.inc()
-            # take_events records the current event as the next one it buffers: restore it.
             stream._set_current_event(pending)
+            await ack_all(stream, batch)
 
     def apply_batch(batch) -> dict:
         """Apply a batch of events; returns {user key: (new state, an event of that user)}
@@ -222,15 +260,15 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(behaviors)
     async def ubsp(stream):
         indexed = False
-        async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+        async for batch in batches(stream, settings.batch_size):
             if not indexed:  # tables are recovered once events flow
                 rebuild_quiet_index()
                 indexed = True
             touched = apply_batch(batch)
             sweep_quiet(batch, touched)
             # Outputs (closed partitions, dead letters) are durable before the state that says
-            # they were produced, and the state before the batch is acked (offsets commit after
-            # acks). A crash in between re-produces outputs, identically: never loses them.
+            # they were produced, and the state before the batch is acked (offsets commit only
+            # after acks). A crash in between re-produces outputs, identically: never loses them.
             await make_durable()
             pending = stream.current_event
             for key, (state, event) in touched.items():
@@ -238,10 +276,9 @@ def create_app(settings: Settings) -> faust.App:
                 # make it an event of this user, not the last one of the batch.
                 stream._set_current_event(event)
                 user_state[key] = state
-            # take_events records the current event as the next one it buffers (it may have
-            # arrived meanwhile): restore it, or that event is replaced by a stale one.
             stream._set_current_event(pending)
             await make_durable()
+            await ack_all(stream, batch)  # offsets may be committed only now
 
     app.liber_tables = {"user_state": user_state, "item_text": item_text,
                         "item_vectors": item_vectors}

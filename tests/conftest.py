@@ -36,7 +36,7 @@ def settings(kafka, tmp_path) -> Settings:
     tag = uuid.uuid4().hex[:8]
     return base_settings(bootstrap_servers=kafka.bootstrap, topic_prefix=f"t{tag}.",
                          app_id=f"liber-test-{tag}", state_dir=str(tmp_path / "state"),
-                         topic_partitions=2, batch_within_s=0.05, log_level="WARNING",
+                         topic_partitions=2, log_level="WARNING",
                          drift_threshold=0.0)  # drift needs the text encoder: tests opt in
 
 

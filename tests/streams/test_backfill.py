@@ -1,7 +1,6 @@
 """`liber backfill`: Parquet histories into UBSP state and partitions.closed, then streaming."""
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -150,17 +149,6 @@ def closed_on_topic(settings, at_least: int, timeout: float = 120) -> dict:
         time.sleep(1)
 
 
-def full_batches(settings, events: int):
-    """Settings whose batches all fill by count (events produced before the worker starts).
-
-    A batch that faust's take_events yields on its `within` timeout lets the next event be
-    buffered while the agent runs; streams/app.py's stream._set_current_event() then makes faust
-    buffer a stale event in its place (one event processed twice, the next one lost). Full
-    batches are safe: the stream waits for the agent. Drop this once app.py restores the event."""
-    size = max(d for d in range(1, 501) if events % d == 0)
-    return settings.replace(batch_size=size, batch_within_s=30.0)
-
-
 def assert_same_partitions(got: dict, expected: dict, open_caches: dict) -> None:
     """Equal to the pure run; a time sweep may also have closed a final open cache, no more."""
     missing = {k: v for k, v in expected.items() if got.get(k) != v}
@@ -209,7 +197,7 @@ def test_backfill_then_stream_equals_one_pass_over_the_whole_history(bf, start_w
     # ... in the partition the same user key has in `behaviors` (murmur2), as Faust expects.
     for user, future in sent:
         assert states[user][0] == future.get(timeout=30).partition
-    worker = start_worker(full_batches(settings, len(after)))
+    worker = start_worker(settings)
     worker.wait_metric("liber_events_processed_total", len(after), timeout=120, outcome="accepted")
 
     got, texts = closed_on_topic(settings, len(expected))
@@ -238,8 +226,6 @@ def test_backfill_then_stream_equals_one_pass_over_the_whole_history(bf, start_w
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=False, reason="streams.partitioner.add_event does not yet treat "
-                                        "ts <= state['backfill_until'] as a duplicate")
 def test_replaying_the_backfilled_history_counts_duplicates(bf, start_worker):
     settings, ratings, cut, path = bf
     backfill.run(settings, path, log_fn=lambda m: None)
@@ -247,7 +233,7 @@ def test_replaying_the_backfilled_history_counts_duplicates(bf, start_worker):
     with BehaviorProducer(settings) as producer:  # the whole history again, from the start
         for rating in ratings:
             producer.send(rating_event("ml-100k", rating))
-    worker = start_worker(full_batches(settings, len(ratings)))
+    worker = start_worker(settings)
     worker.wait_metric("liber_events_processed_total", len(ratings), timeout=120)
     before = sum(r.ts <= cut for r in ratings)
     assert worker.metric("liber_events_processed_total", outcome="duplicate") == before
@@ -270,12 +256,7 @@ def test_bad_rows_are_dead_lettered_not_dropped(settings, tmp_path):
     assert got == {"bad": "unknown_action", "neg": "negative_timestamp"}
 
 
-DRIFT_IN_PARTITIONER = "drift" in inspect.signature(partitioner.add_event).parameters
-
-
 @pytest.mark.kafka
-@pytest.mark.skipif(not DRIFT_IN_PARTITIONER,
-                    reason="streams.partitioner.add_event has no drift rule yet")
 def test_backfill_with_drift_then_stream(bf, start_worker):
     """Drift on: the backfill's vectors reach the worker through the item-vectors changelog, so
     both sides decide on the same bytes; the union equals one pass with the same vectors."""

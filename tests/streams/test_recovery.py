@@ -43,7 +43,7 @@ def assert_same(got: dict, expected: tuple) -> None:
     assert all(open_caches.get(k) == v for k, v in extra.items()), "only quiet caches may close"
 
 
-def closed_partitions(settings, expect: int, timeout: float = 180) -> dict:
+def closed_partitions(settings, expect: int, timeout: float = 300) -> dict:
     """Distinct closed partitions once `expect` of them are there. A crash may republish a
     partition; it must then be identical (idempotent on (user_id, seq))."""
     deadline = time.monotonic() + timeout
