@@ -65,11 +65,14 @@ async def batches(stream, max_size: int, wait_s: float = 0.05):
                 pumping.result()  # the stream ended or failed: re-raise here
                 return
             batch = [getting.result()]
+            # No wait_for(queue.get()) here: a get that completes as the timeout cancels it
+            # loses its item. Poll instead; nothing is cancelled mid-get.
             while len(batch) < max_size:
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), wait_s))
-                except asyncio.TimeoutError:
-                    break
+                if queue.empty():
+                    await asyncio.sleep(wait_s)
+                    if queue.empty():
+                        break
+                batch.append(queue.get_nowait())
             yield batch
     finally:
         pumping.cancel()
