@@ -26,6 +26,7 @@ class Job:
     arrived: float
     record: object = None          # ClosedPartition for partition jobs
     source: tuple | None = None    # (TopicPartition, offset, raw key, raw value)
+    closed_at: float = 0.0         # Kafka timestamp of the partition record (s): freshness start
     cluster: str = ""
     weight: int = 1                # events carried (activity for the budget order)
     attempts: int = 0

@@ -37,8 +37,8 @@ from llm_workers.prompts import Activity
 from llm_workers.scheduler import Job, Offsets, Scheduler, TokenBudget
 from llm_workers.state import Store
 from streams import dead_letter
-from streams.records import ClosedPartition, InvalidRecord, Summary, decode
-from streams.topics import PARTITIONS_CLOSED, SUMMARIES, dlq
+from streams.records import ClosedPartition, CollectiveSummary, InvalidRecord, Summary, decode
+from streams.topics import COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, dlq
 
 log = logging.getLogger("liber.llm")
 COMMIT_INTERVAL_S = 0.5
@@ -65,6 +65,7 @@ class LLMWorker:
         self.topic_in = settings.topic(PARTITIONS_CLOSED)
         self.topic_out = settings.topic(SUMMARIES)
         self.topic_dlq = settings.topic(dlq(PARTITIONS_CLOSED))
+        self.topic_collective = settings.topic(COLLECTIVE_SUMMARIES)
         self.scheduler = Scheduler(settings.llm_batch_size, settings.llm_batch_wait_s)
         self.budget = TokenBudget(settings.llm_budget_tpm)
         self.offsets = Offsets()
@@ -160,7 +161,8 @@ class LLMWorker:
             return
         self.scheduler.add(Job(key=record.user_id, kind="partition", arrived=now, record=record,
                                source=(tp, rec.offset, rec.key, rec.value),
-                               weight=len(record.events)))
+                               weight=len(record.events),
+                               closed_at=max(0, rec.timestamp or 0) / 1000))
 
     def flow_control(self) -> None:
         depth = len(self.scheduler)
@@ -324,7 +326,8 @@ class LLMWorker:
             cascaded_summary=parsed[prompts.PROFILE], tokens_in=generation.tokens_in,
             tokens_out=generation.tokens_out, backend=self.backend.name, model=self.backend.model,
             latency_s=round(generation.seconds, 4), mode=s.llm_mode, context=job.context,
-            template=prompts.TEMPLATE_VERSION, prompt_sha256=job.prompt.sha256())
+            template=prompts.TEMPLATE_VERSION, prompt_sha256=job.prompt.sha256(),
+            end_ts=record.end_ts, closed_at=job.closed_at)
         value = summary.encode()
         old = self.store.user(record.user_id)
         state = {"seq": record.seq, "summary": summary.cascaded_summary,
@@ -356,6 +359,10 @@ class LLMWorker:
         group = self.store.cluster(job.cluster) or collective.new_state()
         group.update(summary=parsed[prompts.PROFILE], generated_at_users=group["users"])
         self.store.put_cluster(job.cluster, group)
+        # Published (compacted, key cluster) for the fusion worker's cold users.
+        self.send(self.topic_collective, job.cluster.encode(), CollectiveSummary(
+            cluster=job.cluster, summary=group["summary"], users=group["users"],
+            model=self.backend.model, produced_at=round(time.time(), 3)).encode())
         metrics.COLLECTIVE.inc()
         log.info("collective summary of cluster %s (%d users): %s", job.cluster, group["users"],
                  group["summary"][:120])

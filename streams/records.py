@@ -268,7 +268,10 @@ class Summary(Record):
 
     Optional (additive, still version 1): `mode` cascade|naive, `context` what the prompt used
     as the user's previous state (previous, collective:<cluster>, none, history), `template`
-    the prompt template version, `prompt_sha256` a hash of the exact prompt."""
+    the prompt template version, `prompt_sha256` a hash of the exact prompt, `end_ts` the
+    partition's newest event time (the vector's event watermark), `closed_at` when the
+    partition was published (Kafka timestamp of its `partitions.closed` record, epoch seconds;
+    the start of the freshness clock). 0 means unknown (older records)."""
     SCHEMA: ClassVar[str] = "summary"
     VERSION: ClassVar[int] = 1
     KEY_FIELD: ClassVar[str] = "user_id"
@@ -287,6 +290,8 @@ class Summary(Record):
     context: str = ""
     template: str = ""
     prompt_sha256: str = ""
+    end_ts: float = 0.0
+    closed_at: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> "Summary":
@@ -300,12 +305,17 @@ class Summary(Record):
                    backend=_str(data, "backend"), model=_str(data, "model"),
                    latency_s=_num(data, "latency_s"),
                    **{name: _str(data, name, required=False) or ""
-                      for name in ("mode", "context", "template", "prompt_sha256")})
+                      for name in ("mode", "context", "template", "prompt_sha256")},
+                   **{name: _num(data, name, required=False) or 0.0
+                      for name in ("end_ts", "closed_at")})
 
 
 @dataclass(frozen=True)
 class InterestVector(Record):
-    """`user-interests` (compacted): the dense vector rankers read; version = seq."""
+    """`user-interests` (compacted): the dense vector rankers read; version = seq.
+
+    `collective` marks a cold user's stand-in: the vector of their `cluster`'s collective
+    summary, published with version -1 so the user's first own vector (version 0) replaces it."""
     SCHEMA: ClassVar[str] = "interest"
     VERSION: ClassVar[int] = 1
     KEY_FIELD: ClassVar[str] = "user_id"
@@ -318,6 +328,7 @@ class InterestVector(Record):
     produced_at: float
     event_watermark: float
     collective: bool = False
+    cluster: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> "InterestVector":
@@ -333,10 +344,34 @@ class InterestVector(Record):
                    model_version=_str(data, "model_version"),
                    produced_at=_num(data, "produced_at"),
                    event_watermark=_num(data, "event_watermark"),
-                   collective=bool(data.get("collective", False)))
+                   collective=bool(data.get("collective", False)),
+                   cluster=_str(data, "cluster", required=False) or "")
+
+
+@dataclass(frozen=True)
+class CollectiveSummary(Record):
+    """`collective-summaries` (compacted, key cluster): a user cluster's collective profile
+    (REKI-style, written by the LLM worker), the stand-in interests of the cluster's cold users."""
+    SCHEMA: ClassVar[str] = "collective"
+    VERSION: ClassVar[int] = 1
+    KEY_FIELD: ClassVar[str] = "cluster"
+
+    cluster: str
+    summary: str
+    users: int
+    model: str
+    produced_at: float
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CollectiveSummary":
+        return cls(cluster=_str(data, "cluster"),
+                   summary=_str(data, "summary", max_len=16 * MAX_TEXT_LEN),
+                   users=_num(data, "users", integer=True), model=_str(data, "model"),
+                   produced_at=_num(data, "produced_at"))
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
     "behaviors": BehaviorEvent, "items": Item, "partitions.closed": ClosedPartition,
     "summaries": Summary, "user-interests": InterestVector,
+    "collective-summaries": CollectiveSummary,
 }

@@ -14,8 +14,9 @@ ITEMS = "items"
 PARTITIONS_CLOSED = "partitions.closed"
 SUMMARIES = "summaries"
 USER_INTERESTS = "user-interests"
+COLLECTIVE_SUMMARIES = "collective-summaries"  # key cluster; the fusion worker's cold-start input
 INPUT_TOPICS = (BEHAVIORS, ITEMS, PARTITIONS_CLOSED, SUMMARIES)
-COMPACTED = frozenset({ITEMS, USER_INTERESTS})
+COMPACTED = frozenset({ITEMS, USER_INTERESTS, COLLECTIVE_SUMMARIES})
 DLQ_SUFFIX = ".dlq"
 
 
@@ -25,7 +26,7 @@ def dlq(name: str) -> str:
 
 
 def all_topics() -> list[str]:
-    return [BEHAVIORS, ITEMS, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
+    return [BEHAVIORS, ITEMS, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS, COLLECTIVE_SUMMARIES,
             *(dlq(t) for t in INPUT_TOPICS)]
 
 
