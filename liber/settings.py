@@ -111,6 +111,11 @@ class Settings:
     dare_pool_max_tokens: int = field(default=50_000, metadata={"help": "per-pool bound (oldest evicted)"})
     dare_context_pool: int = field(default=1, metadata={"help": "1: also draft from the request's own text"})
     dare_pool_dir: str = field(default="", metadata={"help": "RocksDB of the pools; default STATE/dare-pools"})
+    # --- fusion worker (UIF) ---------------------------------------------------------
+    fusion_batch_size: int = field(default=256,
+                                   metadata={"help": "most input records per micro-batch (one model call)"})
+    fusion_model_dir: str = field(default="",
+                                  metadata={"help": "interest model artifact; default: models.artifact's"})
     # --- ops ---------------------------------------------------------------------
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus port; 0 disables"})
@@ -148,7 +153,7 @@ class Settings:
             return SettingsError(f"{ENV_PREFIX}{name.upper()}={getattr(self, name)!r}: {why}")
 
         for name in ("topic_partitions", "replication_factor", "max_payload_bytes", "max_events",
-                     "batch_size", "dedup_window"):
+                     "batch_size", "dedup_window", "fusion_batch_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         for name in ("max_gap_s", "max_span_s", "max_future_s", "max_lateness_s"):
