@@ -61,7 +61,9 @@ def cmd_produce(settings: Settings, args) -> int:
 
 
 def cmd_worker(settings: Settings, args) -> int:
+    from liber import logs
     from streams.topics import create_topics
+    logs.setup(settings.log_level)  # one JSON line per event (liber/logs.py)
     from streams.worker import run
     create_topics(settings, log=logging.getLogger("liber").info)
     run(settings)
@@ -109,7 +111,9 @@ def cmd_bench(settings: Settings, args) -> int:
 
 
 def cmd_llm_worker(settings: Settings, args) -> int:
+    from liber import logs
     from llm_workers.backends import BackendError
+    logs.setup(settings.log_level)
     from llm_workers.service import run
     try:
         run(settings)

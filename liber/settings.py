@@ -120,6 +120,8 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus port; 0 disables"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "Prometheus bind address"})
+    lag_interval_s: float = field(default=5.0,
+                                  metadata={"help": "how often consumer lag is read from Kafka"})
 
     # ------------------------------------------------------------------------------
     @classmethod
@@ -156,7 +158,7 @@ class Settings:
                      "batch_size", "dedup_window", "fusion_batch_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        for name in ("max_gap_s", "max_span_s", "max_future_s", "max_lateness_s"):
+        for name in ("max_gap_s", "max_span_s", "max_future_s", "max_lateness_s", "lag_interval_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be > 0")
         if not 0 <= self.drift_threshold <= 2:

@@ -22,7 +22,6 @@ meanwhile: only the failing user's queue waits.
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -31,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata
 
+from liber import logs
 from liber.settings import Settings
 from llm_workers import backends, collective, metrics, prompts, restore
 from llm_workers.prompts import Activity
@@ -39,6 +39,7 @@ from llm_workers.state import Store
 from streams import dead_letter
 from streams.records import ClosedPartition, CollectiveSummary, InvalidRecord, Summary, decode
 from streams.topics import COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, dlq
+from ops import metrics as ops_metrics
 
 log = logging.getLogger("liber.llm")
 COMMIT_INTERVAL_S = 0.5
@@ -150,6 +151,7 @@ class LLMWorker:
     # --- input -------------------------------------------------------------------------------------
     def accept(self, tp, rec, now: float) -> None:
         self.offsets.received(tp, rec.offset)
+        ops_metrics.RECORDS_IN.inc(tp.topic)
         try:
             record = decode(ClosedPartition, rec.value, key=rec.key,
                             max_bytes=self.s.max_payload_bytes)
@@ -411,8 +413,8 @@ class LLMWorker:
 
     def dead_letter(self, tp, offset: int, key, value, reason: str, detail: str) -> None:
         metrics.DEAD_LETTERED.labels(reason=reason).inc()
-        log.warning("dead-letter partition=%s offset=%s reason=%s detail=%s", tp.partition, offset,
-                    reason, detail[:200])
+        logs.dead_letter(log, source_topic=tp.topic, partition=tp.partition, offset=offset,
+                         reason=reason, detail=detail)
         self.send(self.topic_dlq, key, value, dead_letter.headers(
             reason, detail, topic=tp.topic, partition=tp.partition, offset=offset))
 
@@ -424,6 +426,7 @@ class LLMWorker:
             self.producer.flush(30)
             for topic, future in self._sends:
                 meta = future.get(timeout=30)  # a failed send raises: crash, restart replays
+                ops_metrics.RECORDS_OUT.inc(topic)
                 if topic == self.topic_out:
                     self._produced[meta.partition] = max(self._produced.get(meta.partition, 0),
                                                          meta.offset + 1)
@@ -481,7 +484,9 @@ class LLMWorker:
                 self.consumer.seek(tp, committed)
 
     def on_assigned(self, assigned: set) -> None:
-        log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        ops_metrics.REBALANCES.inc()
+        logs.event(log, "rebalance", phase="assigned",
+                   assigned=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
         self._to_restore |= set(assigned)
 
 
@@ -496,12 +501,10 @@ def _activities(record: ClosedPartition) -> list[Activity]:
 
 
 def run(settings: Settings) -> None:
-    from prometheus_client import start_http_server
-
+    from llm_workers.dare import metrics as _dare_metrics  # noqa: F401  (liber_dare_* on /metrics)
     from streams.topics import create_topics
-    log.info("llm worker starting: %s", json.dumps(settings.summary(), default=str))
+    logs.started(log, "llm-worker", settings)
     backend = backends.create(settings)  # a bad backend or model fails before touching Kafka
     create_topics(settings, log=log.info)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    ops_metrics.start(settings, {"llm-worker": settings.state_path / "llm-worker"})
     LLMWorker(settings, backend).run()

@@ -18,6 +18,25 @@ if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
 fi
 echo "java: $(java -version 2>&1 | head -1); maven: $(mvn -v 2>/dev/null | head -1 | tr -d '\033' | sed 's/\[[0-9;]*m//g')"
 
+step "prometheus and promtool (Debian package; tests run it on 127.0.0.1 only)"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    # Only the binaries are wanted: forbid the package's service start (no init system here;
+    # policy-rc.d exit 101 = "not allowed"), and leave an existing policy as it was.
+    own_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      own_policy=1
+    fi
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
+  else
+    echo "need prometheus and promtool on PATH (apt-get install prometheus)" >&2
+    exit 1
+  fi
+fi
+echo "prometheus: $(prometheus --version 2>&1 | head -1)"
+
 step "virtualenv $VENV"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" --version

@@ -12,6 +12,7 @@ import time
 import faust
 from kafka.partitioner.default import murmur2
 
+from liber import logs
 from liber.settings import Settings
 from ops import metrics
 from streams import dead_letter, partitioner
@@ -124,8 +125,8 @@ def create_app(settings: Settings) -> faust.App:
     def dead_letter_send(name: str, event, reason: str, detail: str) -> None:
         msg = event.message
         metrics.DEAD_LETTERED.labels(topic=name, reason=reason).inc()
-        log.warning("dead-letter topic=%s partition=%s offset=%s reason=%s detail=%s",
-                    msg.topic, msg.partition, msg.offset, reason, detail[:200])
+        logs.dead_letter(log, source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                         reason=reason, detail=detail)
         dlqs[name].send_soon(key=msg.key, value=msg.value, headers=dead_letter.headers(
             reason, detail, topic=msg.topic, partition=msg.partition, offset=msg.offset))
 

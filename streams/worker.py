@@ -8,11 +8,11 @@ in the state, see streams/app.py.)
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 
+from liber import logs
 from liber.settings import Settings
 from ops import metrics
 
@@ -37,15 +37,18 @@ def run(settings: Settings) -> None:
 
     from streams.app import create_app
 
-    log.info("stream worker starting: %s", json.dumps(settings.summary(), default=str))
+    logs.started(log, "stream-worker", settings)
     settings.state_path.mkdir(parents=True, exist_ok=True)
-    metrics.serve(settings.metrics_host, settings.metrics_port)
+    metrics.start(settings, {"stream": settings.state_path / settings.app_id})
     app = create_app(settings)
+    from ops import faust_ops
+    faust_ops.attach(app)  # records in/out, rebalances, recovery progress
     table_dir = Path(app.conf.tabledir)
     if discard_unclean_state(table_dir):
         log.warning("unclean shutdown before: local RocksDB state in %s discarded, "
                     "recovering it from the changelog", table_dir)
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
+                          override_logging=False)  # keep liber.logs' JSON lines
     clean = False
     try:
         worker.execute_from_commandline()
