@@ -123,6 +123,17 @@ def cmd_llm_worker(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_fusion_worker(settings: Settings, args) -> int:
+    from llm_workers.fusion_worker import run
+    from models.artifact import ArtifactError
+    try:
+        run(settings)
+    except ArtifactError as exc:  # no trained interest model yet
+        print(f"liber: {exc} (or set LIBER_FUSION_MODEL_DIR)", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_backfill(settings: Settings, args) -> int:
     from streams import backfill
     if args.from_dataset:
@@ -210,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("llm-worker", help="run the LLM worker (UIL: partitions.closed -> summaries)")
     p.set_defaults(func=cmd_llm_worker)
+
+    p = sub.add_parser("fusion-worker", help="run the fusion worker (UIF: summaries -> "
+                                              "user-interests vectors)")
+    p.set_defaults(func=cmd_fusion_worker)
 
     p = sub.add_parser("backfill", help="load lifelong histories from Parquet into UBSP state and "
                                          "partitions.closed, without a Kafka round trip per event")
