@@ -1,0 +1,192 @@
+"""`liber fusion-worker` end to end through the real broker, with a tiny real UIF artifact.
+
+summaries / partitions.closed / collective-summaries -> fusion-worker (subprocess)
+  -> user-interests / summaries.dlq
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from llm_workers import collective
+from llm_workers.prompts import Activity
+from models.artifact import InterestModel
+from state.interest_cache import InterestCache
+from streams.dead_letter import REASON
+from streams.producer import BehaviorProducer
+from streams.records import (ClosedPartition, CollectiveSummary, InterestVector, PartitionEvent,
+                             Summary, decode)
+from streams.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
+                            create_topics, dlq)
+from tests.kafka_io import read_topic
+from tests.uif_artifact import tiny_artifact
+
+pytestmark = pytest.mark.kafka
+T0 = 1_000_000_000.0
+CRIME = ["Heat (1995) [Action|Crime|Thriller]", "Casino (1995) [Crime|Drama]",
+         "Se7en (1995) [Crime|Thriller]"]
+KIDS = ["Babe (1995) [Children's|Comedy]", "Toy Story (1995) [Animation|Children's|Comedy]"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from tests.conftest import base_settings
+    return tiny_artifact(tmp_path_factory, base_settings())
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    return InterestModel.load(artifact)
+
+
+def summary(user: str, seq: int) -> Summary:
+    return Summary(user, seq, f"{user} partition {seq}: crime thrillers, heists",
+                   f"{user} shift {seq}", f"{user} profile after {seq}: likes crime films "
+                   f"and dark dramas ({seq})", 100, 30, "transformers", "smollm2", 0.5,
+                   mode="cascade", end_ts=T0 + seq, closed_at=time.time())
+
+
+def partition(user: str, seq: int, titles: list[str], ratings: list[float]) -> ClosedPartition:
+    events = tuple(PartitionEvent(f"{user}-{seq}-{i}", f"i{i}", "rate", T0 + i, r, t)
+                   for i, (t, r) in enumerate(zip(titles, ratings)))
+    return ClosedPartition(user, seq, events, events[0].ts, events[-1].ts, "max_events")
+
+
+def send(settings, *records) -> None:
+    with BehaviorProducer(settings) as producer:
+        for record in records:
+            if isinstance(record, Summary):
+                producer.send_raw(SUMMARIES, record.user_id.encode(), record.encode())
+            elif isinstance(record, ClosedPartition):
+                producer.send_raw(PARTITIONS_CLOSED, record.user_id.encode(), record.encode())
+            elif isinstance(record, CollectiveSummary):
+                producer.send_raw(COLLECTIVE_SUMMARIES, record.cluster.encode(), record.encode())
+            else:
+                producer.send_raw(*record)
+
+
+def interests_until(settings, done, timeout: float = 90.0) -> list:
+    """user-interests records from the beginning, read until `done(records)` holds."""
+    name = settings.topic(USER_INTERESTS)
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
+                             enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning()
+        records, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=300).values():
+                records.extend(recs)
+            if done(records):
+                return records
+        raise AssertionError(f"user-interests never got there; read {len(records)}: "
+                             f"{[(r.key, decode(InterestVector, r.value, key=r.key).version) for r in records]}")
+    finally:
+        consumer.close()
+
+
+def versions(records, user: str) -> list[int]:
+    return [decode(InterestVector, r.value, key=r.key).version for r in records
+            if r.key == user.encode()]
+
+
+def has(user: str, version: int):
+    return lambda records: version in versions(records, user)
+
+
+def last(records, user: str) -> tuple[InterestVector, bytes]:
+    rec = [r for r in records if r.key == user.encode()][-1]
+    return decode(InterestVector, rec.value, key=rec.key), rec.value
+
+
+def test_summaries_become_growing_versions_idempotently_across_a_restart(
+        settings, start_worker, artifact, model):
+    settings = settings.replace(fusion_model_dir=str(artifact), log_level="INFO")
+    create_topics(settings, log=lambda m: None)
+    u1 = [summary("u1", s) for s in range(3)]
+    u2 = summary("u2", 0)
+    mismatch = summary("u4", 0)
+    send(settings, u1[0], u2, u1[1],
+         u1[0],                                        # older seq redelivered: no regression
+         (SUMMARIES, b"u3", b"{not json"),             # bad records: DLQ, the worker goes on
+         (SUMMARIES, b"someone-else", mismatch.encode()))
+    worker = start_worker(settings, "fusion-worker")
+    records = interests_until(settings, lambda r: has("u1", 1)(r) and has("u2", 0)(r))
+    for user in ("u1", "u2"):  # versions only grow, in topic order
+        seen = versions(records, user)
+        assert seen == sorted(set(seen)), seen
+    v1, bytes1 = last(records, "u1")
+    v2, _ = last(records, "u2")
+    expected = model.user_vectors([([u1[1].partition_summary, u1[0].partition_summary],
+                                    u1[1].cascaded_summary),
+                                   ([u2.partition_summary], u2.cascaded_summary)])
+    assert (v1.version, v1.dim, v1.model_version) == (1, model.dim, model.version)
+    assert not v1.collective and v1.event_watermark == u1[1].end_ts
+    assert np.allclose(v1.vector, expected[0], atol=1e-4)
+    assert np.allclose(v2.vector, expected[1], atol=1e-4)
+    worker.wait_metric("liber_fusion_dead_lettered_total", 2, timeout=30)
+    dead = read_topic(settings, dlq(SUMMARIES), expect=2, timeout=20)
+    assert sorted(dict(r.headers)[REASON] for r in dead) == [b"key_mismatch", b"malformed_json"]
+    assert worker.metric("liber_freshness_seconds_count", kind="own") >= 2
+    assert worker.metric("liber_fusion_skipped_total", reason="older") >= 1
+
+    # the newest seq redelivered: the very same bytes again, nothing new
+    send(settings, u1[1])
+    worker.wait_metric("liber_fusion_vectors_published_total", 1, kind="republished", timeout=60)
+    records = interests_until(settings, lambda r: len(versions(r, "u1")) >= 2 and
+                              versions(r, "u1")[-1] == 1 and last(r, "u1")[1] == bytes1)
+    assert worker.stop() == 0
+
+    # Restart: the user's latest summaries come from RocksDB, so seq 2 fuses seq 2 and 1.
+    worker = start_worker(settings, "fusion-worker")
+    send(settings, u1[2])
+    records = interests_until(settings, has("u1", 2))
+    v1, _ = last(records, "u1")
+    expected = model.user_vectors([([u1[2].partition_summary, u1[1].partition_summary],
+                                    u1[2].cascaded_summary)])
+    assert np.allclose(v1.vector, expected[0], atol=1e-4)
+    assert versions(records, "u1")[-1] == 2 and versions(records, "u2") == [0]
+
+
+def test_cold_users_get_their_clusters_collective_vector_until_their_own(
+        settings, start_worker, artifact, model, tmp_path):
+    settings = settings.replace(fusion_model_dir=str(artifact))
+    create_topics(settings, log=lambda m: None)
+    crime = collective.cluster_of([Activity(t, "rate", r) for t, r in zip(CRIME, [5, 4, 5])])
+    kids = collective.cluster_of([Activity(t, "rate", r) for t, r in zip(KIDS, [5, 4])])
+    assert crime != kids
+    group = CollectiveSummary(crime, "People here love crime thrillers and heist films.", 3,
+                              "smollm2", 1.7e9)
+    send(settings, group, partition("u9", 0, CRIME, [5, 4, 5]),
+         partition("u8", 0, KIDS, [5, 4]),            # its cluster has no collective summary yet
+         (PARTITIONS_CLOSED, b"u7", b"garbage"))      # the LLM worker dead-letters these
+    worker = start_worker(settings, "fusion-worker")
+    records = interests_until(settings, has("u9", -1))
+    v9, _ = last(records, "u9")
+    expected = model.user_vectors([([], group.summary)])[0]
+    assert v9.collective and v9.cluster == crime and v9.version == -1
+    assert np.allclose(v9.vector, expected, atol=1e-4) and v9.event_watermark == T0 + 2
+    assert versions(records, "u8") == []
+
+    # the kids cluster's collective summary arrives: its waiting member is served
+    kids_group = CollectiveSummary(kids, "Families watching animated comedies.", 3, "smollm2", 1.7e9)
+    send(settings, kids_group)
+    records = interests_until(settings, has("u8", -1))
+    assert last(records, "u8")[0].cluster == kids
+    # u9's own first summary replaces the stand-in
+    own = summary("u9", 0)
+    send(settings, own)
+    records = interests_until(settings, has("u9", 0))
+    assert versions(records, "u9") == [-1, 0] and not last(records, "u9")[0].collective
+    assert worker.metric("liber_fusion_errors_total", kind="invalid_partition") == 1
+
+    # the ranker's cache follows the topic: own vector for u9, the stand-in for u8
+    with InterestCache(settings, tmp_path / "cache", model_version=model.version) as cache:
+        cache.sync(timeout_s=30)
+        version, vector = cache.get("u9")
+        assert version == 0 and np.allclose(vector, last(records, "u9")[0].vector)
+        assert cache.entry("u8").collective and cache.get("u8")[0] == -1
