@@ -153,6 +153,49 @@ def cmd_backfill(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_chaos(settings: Settings, args) -> int:
+    from liber import chaos
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    if args.soak:
+        result = chaos.soak(settings, args.soak, args.rate, with_llm=args.with_llm,
+                            workdir=args.workdir, log=log)
+        ok = result["invariants_ok"] and result["drained"]
+    else:
+        result = chaos.run(settings, args.fault or chaos.FAULTS, users=args.users,
+                           per_user=args.per_user, replay_s=args.replay_s,
+                           workdir=args.workdir, log=log)
+        ok = result["ok"]
+    print(json.dumps(result, indent=None if args.json else 2, default=str))
+    return 0 if ok else 1
+
+
+def cmd_train(settings: Settings, args) -> int:
+    from models.training import TrainConfig, train_artifact
+    path = train_artifact(settings, args.out, dataset=args.dataset, n_users=args.users,
+                          depth=args.depth, k=args.k, source=args.source, backbone=args.backbone,
+                          cfg=TrainConfig(epochs=args.epochs), max_new_tokens=args.max_new_tokens,
+                          batch_size=args.llm_batch, log=lambda m: print(m, file=sys.stderr))
+    print(path)
+    return 0
+
+
+def cmd_eval(settings: Settings, args) -> int:
+    from models.evaluation import run
+    result = run(settings, dataset=args.dataset, users=args.users, depth=args.depth, k=args.k,
+                 seeds=tuple(range(args.seeds)), max_new_tokens=args.max_new_tokens,
+                 batch_size=args.llm_batch, epochs=args.epochs,
+                 log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_status(settings: Settings, args) -> int:
+    from liber.status import run
+    print(run(settings, urls=args.metrics, window_s=args.window, closes=args.closes,
+              kafka=not args.no_kafka))
+    return 0
+
+
 def cmd_config(settings: Settings, args) -> int:
     print(json.dumps(settings.summary(), indent=2, default=str))
     return 0
@@ -238,6 +281,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, help="with --from-dataset: only the first N users")
     p.add_argument("--write-only", action="store_true", help="with --from-dataset: only write PATH")
     p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser("chaos", help="inject faults during a MovieLens replay and check invariants "
+                                      "(or --soak: a load run); prints one JSON object")
+    p.add_argument("--fault", action="append", choices=["kill_stream_worker", "kill_llm_worker",
+                                                        "broker_restart", "llm_errors", "slow_llm"],
+                   help="run only this fault (repeatable; default: all, one at a time)")
+    p.add_argument("--users", type=int, default=10, help="first N MovieLens-100K users")
+    p.add_argument("--per-user", type=int, default=50, help="first N events of each user")
+    p.add_argument("--replay-s", type=float, default=20.0, help="spread the replay over N seconds")
+    p.add_argument("--soak", type=float, metavar="SECONDS", help="load run of this length instead")
+    p.add_argument("--rate", type=float, default=500.0, help="soak: events per second (ML-1M)")
+    p.add_argument("--with-llm", action="store_true", help="soak: run the LLM worker too")
+    p.add_argument("--workdir", help="broker data, state and logs (default: a new temp dir)")
+    p.add_argument("--json", action="store_true", help="one line of JSON (progress to stderr)")
+    p.set_defaults(func=cmd_chaos)
+
+    for name, helptext in (("train", "train UIF + a CTR model on MovieLens, save a versioned "
+                                     "artifact (models/artifact.py)"),
+                           ("eval", "CTR evaluation: backbones alone vs with UIF vectors "
+                                    "(models/evaluation.py)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--dataset", default="ml-1m", choices=["ml-100k", "ml-1m"])
+        p.add_argument("--users", type=int, default=60, help="users drawn (split 70/15/15)")
+        p.add_argument("--depth", type=int, default=2, help="partitions summarised per user")
+        p.add_argument("--k", type=int, default=2, help="latest partition summaries fused")
+        p.add_argument("--epochs", type=int, default=15, help="most epochs (early stopping)")
+        p.add_argument("--max-new-tokens", type=int, default=48, help="LLM answer cap")
+        p.add_argument("--llm-batch", type=int, default=16, help="prompts per LLM call")
+        if name == "train":
+            p.add_argument("--source", default="cascade", choices=["cascade", "naive", "item_text"])
+            p.add_argument("--backbone", default="din", choices=["din", "dcnv2"])
+            p.add_argument("--out", help="artifact root (default HOME/models/uif)")
+            p.set_defaults(func=cmd_train)
+        else:
+            p.add_argument("--seeds", type=int, default=3, help="seeds per model")
+            p.add_argument("--json", action="store_true", help="one line of JSON")
+            p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("status", help="lag, throughput, LLM cost and recent partition closes of a "
+                                       "running pipeline (from Kafka and metrics endpoints)")
+    p.add_argument("--metrics", action="append", metavar="URL",
+                   help="a process's /metrics URL (repeatable; default: LIBER_METRICS_PORT)")
+    p.add_argument("--window", type=float, default=2.0, help="seconds between the two scrapes")
+    p.add_argument("--closes", type=int, default=10, help="recent partition closes to show")
+    p.add_argument("--no-kafka", action="store_true", help="metrics endpoints only")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)
