@@ -124,6 +124,8 @@ def cmd_llm_worker(settings: Settings, args) -> int:
 
 
 def cmd_fusion_worker(settings: Settings, args) -> int:
+    from liber import logs
+    logs.setup(settings.log_level)
     from llm_workers.fusion_worker import run
     from models.artifact import ArtifactError
     try:

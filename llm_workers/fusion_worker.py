@@ -29,7 +29,6 @@ produced: the previous owner published those vectors).
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -41,11 +40,13 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
+from liber import logs
 from liber.settings import Settings
 from llm_workers import collective
 from llm_workers import fusion_metrics as metrics
 from llm_workers.fusion_state import Changes, FusionStore, new_user
 from llm_workers.prompts import Activity
+from ops import metrics as ops_metrics
 from streams import dead_letter
 from streams.records import (ClosedPartition, CollectiveSummary, InterestVector, InvalidRecord,
                              Summary, decode)
@@ -365,8 +366,8 @@ class FusionWorker:
         if not publish:
             return  # restore: the previous owner dead-lettered it
         metrics.DEAD_LETTERED.labels(reason=reason).inc()
-        log.warning("dead-letter %s partition=%s offset=%s reason=%s detail=%s", tp.topic,
-                    tp.partition, rec.offset, reason, detail[:200])
+        logs.dead_letter(log, source_topic=tp.topic, partition=tp.partition, offset=rec.offset,
+                         reason=reason, detail=detail)
         self.producer.send(self.topic_dlq, key=rec.key, value=rec.value, headers=dead_letter.headers(
             reason, detail, topic=tp.topic, partition=tp.partition, offset=rec.offset))
 
@@ -375,7 +376,9 @@ class FusionWorker:
         self._to_restore -= revoked  # every batch commits before the next poll: nothing pending
 
     def on_assigned(self, assigned: set) -> None:
-        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        ops_metrics.REBALANCES.inc()
+        logs.event(log, "rebalance", phase="assigned",
+                   assigned=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
         self._to_restore |= set(assigned)
 
     def restore(self, assigned: set) -> None:
@@ -422,10 +425,10 @@ def load_model(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    from ops.metrics import serve
     from streams.topics import create_topics
-    log.info("fusion worker starting: %s", json.dumps(settings.summary(), default=str))
+    logs.started(log, "fusion-worker", settings)
     model = load_model(settings)  # a missing artifact fails before touching Kafka
     create_topics(settings, log=log.info)
-    serve(settings.metrics_host, settings.metrics_port)
+    # /metrics, consumer lag of every LIBER group, state size
+    ops_metrics.start(settings, {"fusion-worker": settings.state_path / "fusion-worker"})
     FusionWorker(settings, model).run()
