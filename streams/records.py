@@ -42,7 +42,18 @@ def _str(data: dict, name: str, *, max_len: int = MAX_ID_LEN, required: bool = T
         raise InvalidRecord("oversize", f"{name} longer than {max_len} characters")
     if any(ord(c) < 32 and c not in "\t\n" for c in value) or "\x7f" in value:
         raise InvalidRecord("invalid_value", f"{name} contains control characters")
+    # a JSON "\ud800" escape decodes to a lone surrogate, which cannot be written as UTF-8
+    if not value.isascii() and _has_lone_surrogate(value):
+        raise InvalidRecord("invalid_value", f"{name} contains a lone surrogate")
     return value
+
+
+def _has_lone_surrogate(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _num(data: dict, name: str, *, required: bool = True, integer: bool = False) -> float | None:
@@ -53,7 +64,11 @@ def _num(data: dict, name: str, *, required: bool = True, integer: bool = False)
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRecord("wrong_type", f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
         raise InvalidRecord("invalid_value", f"{name} must be finite")
     if integer and value != int(value):
         raise InvalidRecord("wrong_type", f"{name} must be an integer")
@@ -113,8 +128,10 @@ def parse_json(raw: bytes | None, *, max_bytes: int) -> dict:
         data = json.loads(text, parse_constant=_reject_constant)
     except InvalidRecord:
         raise
-    except ValueError as exc:
+    except ValueError as exc:  # also integers past Python's digit limit
         raise InvalidRecord("malformed_json", str(exc)) from None
+    except RecursionError:
+        raise InvalidRecord("malformed_json", "nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRecord("wrong_type", f"top level must be an object, got {type(data).__name__}")
     return data
@@ -134,7 +151,8 @@ def decode(cls: type[Record], raw: bytes | None, *, key: bytes | None = None,
     name, _, version = schema.partition("/")
     if name != cls.SCHEMA:
         raise InvalidRecord("schema", f"expected {cls.SCHEMA}, got {name}")
-    if not version.isdigit() or int(version) > cls.VERSION:
+    if not (version.isascii() and version.isdigit()) or len(version) > 9 or \
+            int(version) > cls.VERSION:
         raise InvalidRecord("schema_version",
                             f"version {version} not supported (newest {cls.VERSION})")
     record = cls.from_dict(data)
