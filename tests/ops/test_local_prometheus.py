@@ -68,6 +68,7 @@ def test_prometheus_sees_the_lag_of_a_known_backlog(settings, start_worker, prom
     assert wait_for(prom, f"sum(liber_records_out_total{{{closed}}})", 4) == 4
     assert prom.value(f"sum(liber_topic_end_offset{{{closed}}})") == 4
     assert prom.value("sum(liber_events_in_total)") == 20
+    assert prom.value(f"sum(liber_records_in_total{{{behaviors}}})") == 20
     assert prom.value("liber_rebalances_total") >= 1
     assert prom.value('liber_state_size_bytes{store="stream"}') > 0
     assert set(prom.targets_up().values()) == {"up"}
