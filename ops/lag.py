@@ -76,7 +76,7 @@ class LagReader:
         self.consumer = KafkaConsumer(enable_auto_commit=False, allow_auto_create_topics=False,
                                       fetch_max_wait_ms=100, max_poll_records=1,
                                       auto_offset_reset="none", **kafka)
-        self._timestamps: dict[tuple, float | None] = {}
+        self._timestamps: dict[tuple, float] = {}
 
     def close(self) -> None:
         self.consumer.close()
@@ -122,8 +122,9 @@ class LagReader:
         return rows
 
     def timestamp(self, tp, offset: int, timeout_s: float = 2.0) -> float | None:
-        """Timestamp (epoch seconds) of the record at `offset`; None if it is gone (compacted,
-        deleted) or not fetched in time. Cached: offsets do not change their records."""
+        """Timestamp (epoch seconds) of the record at `offset`, or of the next one where
+        compaction removed it (a newer time: seconds behind errs low, not high); None if not
+        fetched in time. Cached: offsets do not change their records."""
         key = (tp, offset)
         if key in self._timestamps:
             return self._timestamps[key]
@@ -134,11 +135,10 @@ class LagReader:
         while time.monotonic() < deadline:
             records = self.consumer.poll(timeout_ms=100).get(tp)
             if records:
-                if records[0].offset == offset:
-                    found = records[0].timestamp / 1000.0
+                found = records[0].timestamp / 1000.0
                 break
-        if found is not None or time.monotonic() < deadline:
-            self._timestamps[key] = found  # a timeout is retried at the next refresh
+        if found is not None:  # a timeout is retried at the next refresh
+            self._timestamps[key] = found
         return found
 
 
