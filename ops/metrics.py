@@ -4,6 +4,7 @@ rebalances, recovery progress, state size on disk, and consumer lag (ops/lag.py)
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 
 from prometheus_client import REGISTRY, Counter, Gauge, start_http_server
@@ -33,10 +34,10 @@ class TopicCounts:
 
     def __init__(self, name: str, documentation: str):
         self.name, self.documentation = name, documentation
-        self.counts: dict[str, int] = {}
+        self.counts: defaultdict[str, int] = defaultdict(int)  # hot paths may add to it directly
 
     def inc(self, topic: str, n: int = 1) -> None:
-        self.counts[topic] = self.counts.get(topic, 0) + n
+        self.counts[topic] += n
 
     def collect(self):
         family = CounterMetricFamily(self.name, self.documentation, labels=["topic"])
