@@ -3,7 +3,9 @@
 Starts a fresh local Kafka broker, creates the topics, runs the stream worker and the LLM
 worker as their own processes, replays the first users of MovieLens into Kafka, waits until
 every event and every closed partition is accounted for (read from the workers' Prometheus
-metrics), then prints each shown user's partitions and cascaded interest summaries.
+metrics), then prints each shown user's partitions and cascaded interest summaries. Last, the
+fusion worker's vectors: one user's ranked list (example ranker, liber/demo_interests.py)
+before and after the user's next events close a partition and change their vector.
 """
 from __future__ import annotations
 
@@ -76,31 +78,42 @@ def run_demo(settings: Settings, dataset: str = "ml-100k", users: int | None = 5
     broker = LocalKafka(settings.home, demo_dir / "kafka", port=free_port())
     settings = settings.replace(bootstrap_servers=broker.bootstrap,
                                 state_dir=str(demo_dir / "state"))
-    print(f"== 1/5 local Kafka broker ({broker.bootstrap}, data in {broker.data_dir})")
+    print(f"== 1/6 local Kafka broker ({broker.bootstrap}, data in {broker.data_dir})")
     broker.start()
     workers: list[Process] = []
     try:
         create_topics(settings)
-        print("== 2/5 stream worker (UBSP, RocksDB state) and LLM worker (UIL, "
-              "SmolLM2-135M-Instruct on CPU), each its own process; logs in", demo_dir)
+        print("== 2/6 stream worker (UBSP, RocksDB state), LLM worker (UIL, "
+              "SmolLM2-135M-Instruct on CPU) and fusion worker (UIF), each its own process; "
+              "logs in", demo_dir)
+        from liber.demo_interests import demo_artifact, show_before_after
+        artifact = demo_artifact(settings, dataset)
         stream, llm = Process("worker", settings, demo_dir), Process("llm-worker", settings, demo_dir)
-        workers += [stream, llm]
-        print(f"== 3/5 replay {dataset}" + (f", first {users} users" if users else "")
+        fusion = Process("fusion-worker", settings.replace(fusion_model_dir=str(artifact)),
+                         demo_dir)
+        workers += [stream, llm, fusion]
+        print(f"== 3/6 replay {dataset}" + (f", first {users} users" if users else "")
               + (f", each user's first {per_user} events" if per_user else ""))
         catalogue = replay(settings, dataset, events=False)
         # Item text is joined when a partition closes: let the catalogue land first.
         _wait("stream worker, catalogue items loaded",
               lambda: stream.metric("liber_items_loaded_total"), catalogue.items, timeout=300)
         result = replay(settings, dataset, users=users, per_user=per_user, items=False)
-        print("== 4/5 waiting for the pipeline")
+        print("== 4/6 waiting for the pipeline")
         _wait("stream worker, events in", lambda: stream.metric("liber_events_in_total"),
               result.events, timeout=600)
         closed = stream.metric("liber_partitions_closed_total")
         _wait("LLM worker, partitions summarised or dead-lettered",
               lambda: llm.metric("liber_llm_summaries_total")
               + llm.metric("liber_llm_dead_lettered_total"), closed, timeout=1800)
-        print("== 5/5 results")
-        _print_results(settings, stream, llm, show)
+        _wait("fusion worker, summaries read", lambda: fusion.metric(
+            "liber_fusion_records_in_total", topic="summaries"),
+            llm.metric("liber_llm_summaries_total"), timeout=600)
+        print("== 5/6 results")
+        shown = _print_results(settings, stream, llm, show)
+        print("\n== 6/6 ranking with the user's interest vector (user-interests -> ranker "
+              "cache -> CTR model)")
+        show_before_after(settings, dataset, shown, per_user, artifact)
         return 0
     finally:
         for worker in workers:
@@ -134,7 +147,7 @@ def _read(settings: Settings, topic: str, record_type) -> dict[str, list]:
     return by_user
 
 
-def _print_results(settings: Settings, stream: Process, llm: Process, show: int) -> None:
+def _print_results(settings: Settings, stream: Process, llm: Process, show: int) -> list[str]:
     partitions = _read(settings, PARTITIONS_CLOSED, ClosedPartition)
     summaries = _read(settings, SUMMARIES, Summary)
     rules = {r: int(stream.metric("liber_partitions_closed_total", rule=r))
@@ -147,7 +160,8 @@ def _print_results(settings: Settings, stream: Process, llm: Process, show: int)
           f"users, by rule {rules}")
     print(f"summaries: {sum(map(len, summaries.values()))}; LLM tokens in {tokens_in}, "
           f"out {tokens_out}, model seconds {llm.metric('liber_llm_model_seconds_total'):.0f}")
-    for user in sorted(partitions, key=lambda u: -len(partitions[u]))[:show]:
+    shown = sorted(partitions, key=lambda u: -len(partitions[u]))[:show]
+    for user in shown:
         print(f"\nuser {user}: {len(partitions[user])} partitions")
         by_seq = {s.seq: s for s in summaries.get(user, [])}
         for part in partitions[user]:
@@ -162,3 +176,4 @@ def _print_results(settings: Settings, stream: Process, llm: Process, show: int)
         last = max(by_seq.values(), key=lambda s: s.seq, default=None)
         if last:
             print(f"  cascaded interest profile after seq {last.seq}: {last.cascaded_summary}")
+    return shown

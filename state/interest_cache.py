@@ -58,7 +58,7 @@ def _pack(record: InterestVector) -> bytes:
 def _unpack(raw: bytes) -> CachedInterest:
     (size,) = _HEAD.unpack_from(raw)
     head = json.loads(raw[_HEAD.size:_HEAD.size + size])
-    vector = np.frombuffer(raw, dtype="<f4", offset=_HEAD.size + size)
+    vector = np.frombuffer(raw, dtype="<f4", offset=_HEAD.size + size).astype(np.float32)
     return CachedInterest(vector=vector, **head)
 
 
