@@ -138,14 +138,15 @@ def recent_closes(settings, n: int, timeout_s: float = 5.0) -> list[Close]:
     finally:
         consumer.close()
     closes = []
-    for rec in records:
+    # newest first: by publication time, then position (records of one batch share a time)
+    for rec in sorted(records, key=lambda r: (r.timestamp, r.partition, r.offset), reverse=True):
         try:
             part = decode(ClosedPartition, rec.value, key=rec.key, max_bytes=settings.max_payload_bytes)
         except InvalidRecord:
             continue  # the LLM worker dead-letters it; not a close to show
         closes.append(Close(rec.timestamp / 1000.0, part.user_id, part.seq, part.reason,
                             len(part.events), part.end_ts))
-    return sorted(closes, key=lambda c: c.timestamp, reverse=True)[:n]
+    return closes[:n]
 
 
 def _when(ts: float) -> str:

@@ -335,6 +335,7 @@ def create_app(settings: Settings) -> faust.App:
                 indexed = True
             touched = apply_batch(batch)
             sweep_quiet(batch, touched)
+            metrics.OPEN_CACHES.set(sum(map(len, quiet.open.values())))  # as the quiet index knows
             # Outputs (closed partitions, dead letters) are durable before the state that says
             # they were produced, and the state before the batch is acked (offsets commit only
             # after acks). A crash in between re-produces outputs, identically: never loses them.

@@ -42,15 +42,15 @@ def prometheus(tmp_path):
 
 
 def test_prometheus_sees_the_lag_of_a_known_backlog(settings, start_worker, prometheus):
-    # 20 events of one user, max_events=5: exactly 4 closed partitions, and no LLM worker runs,
-    # so the LLM group's backlog on partitions.closed is those 4 records.
+    # 22 events of one user, max_events=5: exactly 4 closed partitions and 2 events in the open
+    # cache; no LLM worker runs, so the LLM group's backlog on partitions.closed is 4 records.
     settings = settings.replace(max_events=5, max_gap_s=86400.0, lag_interval_s=0.5, log_level="INFO",
                                 sasl_password="s3cret-pw")
     create_topics(settings, log=lambda m: None)
     worker = start_worker(settings)
     prom = prometheus({"liber-stream-worker": [f"127.0.0.1:{worker.port}"]})
     with BehaviorProducer(settings) as producer:
-        for i in range(20):
+        for i in range(22):
             producer.send(BehaviorEvent(event_id=f"e{i}", user_id="u1", item_id=f"i{i}",
                                         action="rate", ts=T0 + 60 * i, value=4.0))
     worker.wait_metric("liber_partitions_closed_total", 4)
@@ -59,7 +59,7 @@ def test_prometheus_sees_the_lag_of_a_known_backlog(settings, start_worker, prom
     behaviors = f'topic="{settings.topic(BEHAVIORS)}"'
     closed = f'topic="{settings.topic(PARTITIONS_CLOSED)}"'
     assert wait_for(prom, f"sum(liber_consumer_lag_records{{{llm},{closed}}})", 4) == 4, worker.tail()
-    assert wait_for(prom, f"sum(liber_consumer_committed_offset{{{stream},{behaviors}}})", 20) == 20
+    assert wait_for(prom, f"sum(liber_consumer_committed_offset{{{stream},{behaviors}}})", 22) == 22
     assert prom.value(f"sum(liber_consumer_lag_records{{{stream},{behaviors}}})") == 0
     # nothing processed by the LLM group yet: behind by the age of its oldest waiting record
     assert prom.value(f"max(liber_consumer_lag_seconds{{{llm}}})") > 0
@@ -67,10 +67,11 @@ def test_prometheus_sees_the_lag_of_a_known_backlog(settings, start_worker, prom
     # the worker's own counters through the same scrape
     assert wait_for(prom, f"sum(liber_records_out_total{{{closed}}})", 4) == 4
     assert prom.value(f"sum(liber_topic_end_offset{{{closed}}})") == 4
-    assert prom.value("sum(liber_events_in_total)") == 20
-    assert prom.value(f"sum(liber_records_in_total{{{behaviors}}})") == 20
+    assert prom.value("sum(liber_events_in_total)") == 22
+    assert prom.value(f"sum(liber_records_in_total{{{behaviors}}})") == 22
     assert prom.value("liber_rebalances_total") >= 1
     assert prom.value('liber_state_size_bytes{store="stream"}') > 0
+    assert prom.value("liber_open_caches") == 1
     assert set(prom.targets_up().values()) == {"up"}
 
     lines = [json.loads(line) for line in worker.log_path.read_text().splitlines()
