@@ -190,3 +190,39 @@ def test_cold_users_get_their_clusters_collective_vector_until_their_own(
         version, vector = cache.get("u9")
         assert version == 0 and np.allclose(vector, last(records, "u9")[0].vector)
         assert cache.entry("u8").collective and cache.get("u8")[0] == -1
+
+
+def test_a_new_owner_replays_the_users_summaries_before_going_on(settings, artifact, model,
+                                                                  tmp_path):
+    """Two workers of one group, one after the other, each with its own state directory (as on
+    two machines): the second rebuilds u1's latest summaries from the topic, publishing nothing
+    for them, so its first vector for u1 fuses summaries it never processed itself."""
+    from llm_workers.fusion_worker import FusionWorker
+    settings = settings.replace(fusion_model_dir=str(artifact))
+    create_topics(settings, log=lambda m: None)
+    u1 = [summary("u1", s) for s in range(3)]
+    send(settings, u1[0], u1[1])
+
+    def step_until(worker, done, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "worker did not get there"
+            worker.step(poll_ms=200)
+
+    first = FusionWorker(settings.replace(state_dir=str(tmp_path / "a")), model)
+    step_until(first, lambda: (first.store.user("u1") or {}).get("version") == 1)
+    first.shutdown()
+    second = FusionWorker(settings.replace(state_dir=str(tmp_path / "b")), model)
+    try:
+        step_until(second, lambda: (second.store.user("u1") or {}).get("seq") == 1)
+        assert second.store.user("u1")["version"] is None  # replayed, not published again
+        send(settings, u1[2])
+        step_until(second, lambda: second.store.user("u1")["version"] == 2)
+    finally:
+        second.shutdown()
+    records = interests_until(settings, has("u1", 2))
+    seen = versions(records, "u1")
+    assert seen == sorted(set(seen)) and seen[-1] == 2
+    expected = model.user_vectors([([u1[2].partition_summary, u1[1].partition_summary],
+                                    u1[2].cascaded_summary)])
+    assert np.allclose(last(records, "u1")[0].vector, expected[0], atol=1e-4)
