@@ -1,8 +1,8 @@
 """The offline CTR protocol on MovieLens: samples, chronological features, user splits.
 
 - Label: rating > 3 (KAR's convention).
-- Users: those with at least `depth + 1` closed partitions; `n_users` of them drawn with
-  `data_seed`, split by user into train / validation / test (no user in two splits).
+- Users: drawn in a seeded random order among those with more than `depth` closed
+  partitions, split by user into train / validation / test (no user in two splits).
 - Partitions: each user's ratings in time order (ties: file order) through the real UBSP code,
   `streams.partitioner.add_event`, with the close rules (and drift rule) of the settings.
 - Samples: every rating of a user after the end of the user's first partition (seq 0) and at
@@ -127,16 +127,22 @@ def partition_text(part: BatchPartition, max_title_chars: int = 60) -> str:
     return " ".join(_grouped(part.activities, max_title_chars))
 
 
-def split_users(user_ids: Sequence[str], n_users: int, seed: int,
-                fractions: tuple[float, float] = (0.7, 0.15)) -> dict[str, list[str]]:
-    """Draw `n_users` users (sorted input, seeded shuffle) and split them train/val/test."""
-    pool = sorted(user_ids, key=lambda u: (len(u), u))
+def shuffled_users(histories: dict[str, UserHistory], seed: int) -> list[str]:
+    """All user ids in a seeded random order (independent of dict order)."""
+    pool = sorted(histories, key=lambda u: (len(u), u))
     random.Random(seed).shuffle(pool)
-    chosen = pool[:n_users]
-    n_train = max(1, round(len(chosen) * fractions[0]))
-    n_val = max(1, round(len(chosen) * fractions[1]))
-    return {"train": chosen[:n_train], "val": chosen[n_train:n_train + n_val],
-            "test": chosen[n_train + n_val:]}
+    return pool
+
+
+def split_users(chosen: Sequence[str], fractions: tuple[float, float] = (0.7, 0.15)
+                ) -> dict[str, list[str]]:
+    """Split drawn users train / validation / test (at least one each when there are 3)."""
+    n = len(chosen)
+    n_val = max(1, round(n * fractions[1])) if n >= 3 else 0
+    n_test = max(1, n - round(n * fractions[0]) - n_val) if n >= 3 else 0
+    n_train = n - n_val - n_test
+    return {"train": list(chosen[:n_train]), "val": list(chosen[n_train:n_train + n_val]),
+            "test": list(chosen[n_train + n_val:])}
 
 
 # --- samples ----------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class DCNv2(nn.Module):
     def forward(self, batch: dict, user_vec: torch.Tensor | None = None) -> torch.Tensor:
         hist, hist_rating = batch["hist"], batch["hist_rating"]
         present = (hist > 0).unsqueeze(-1).float()
-        liked = ((hist_rating >= 4) & (hist_rating <= 5)).unsqueeze(-1).float()
+        liked = ((hist_rating >= 4) & (hist_rating <= 5) & (hist > 0)).unsqueeze(-1).float()
         keys = self.item(hist)
         parts = [self.item(batch["item"]),
                  (keys * present).sum(1) / present.sum(1).clamp(min=1),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sqlite3
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -84,16 +86,22 @@ def prepare(settings, *, dataset: str = "ml-1m", n_users: int = 60, depth: int =
     catalog = ctr_data.load_catalog(data_dir, dataset)
     histories = ctr_data.group_ratings(movielens.load_ratings(data_dir, dataset))
     rules = partitioner.CloseRules.from_settings(settings)
-    # Cheap pre-filter (each partition holds at most max_events ratings), then the real cut.
-    candidates = [u for u, h in histories.items() if len(h.ts) > depth]
-    drift = _drift_rule(settings, catalog, [histories[u] for u in candidates]) \
+    # Draw in a seeded order, cutting each drawn user's partitions, until n_users have more
+    # than `depth` closed partitions; the drift rule only needs the vectors of their items.
+    order = ctr_data.shuffled_users(histories, data_seed)
+    pool = order[: max(3 * n_users, n_users + 20)]
+    drift = _drift_rule(settings, catalog, [histories[u] for u in pool]) \
         if settings.drift_threshold > 0 else None
     eligible = []
-    for u in candidates:
+    for u in pool:
         ctr_data.partition_user(histories[u], rules, drift=drift, dataset=dataset)
         if len(histories[u].partitions) > depth:
             eligible.append(u)
-    users = ctr_data.split_users(eligible, n_users, data_seed)
+            if len(eligible) == n_users:
+                break
+    users = ctr_data.split_users(eligible)
+    log(f"{dataset}: {len(histories)} users; {len(eligible)} drawn with > {depth} partitions "
+        f"(train {len(users['train'])}, val {len(users['val'])}, test {len(users['test'])})")
     chosen = [u for split in users.values() for u in split]
     log(f"{dataset}: {len(histories)} users, {len(eligible)} with > {depth} partitions; "
         f"{len(chosen)} drawn (train {len(users['train'])}, val {len(users['val'])}, "
@@ -130,9 +138,39 @@ def prepare(settings, *, dataset: str = "ml-1m", n_users: int = 60, depth: int =
     return prepared
 
 
+class _BytesStore(MutableMapping):
+    """bytes -> bytes in SQLite: the drift rule's item vectors, kept between runs (the
+    ItemVectors store re-encodes an item only when its text changed)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=60)
+        self.db.execute("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB)")
+
+    def __getitem__(self, key):
+        row = self.db.execute("SELECT v FROM kv WHERE k = ?", (bytes(key),)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return row[0]
+
+    def __setitem__(self, key, value):
+        self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (bytes(key), bytes(value)))
+        self.db.commit()
+
+    def __delitem__(self, key):
+        self.db.execute("DELETE FROM kv WHERE k = ?", (bytes(key),))
+        self.db.commit()
+
+    def __iter__(self):
+        return iter([row[0] for row in self.db.execute("SELECT k FROM kv")])
+
+    def __len__(self):
+        return self.db.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+
+
 def _drift_rule(settings, catalog: Catalog, histories):
     from streams.drift import DriftRule, ItemVectors
-    vectors = ItemVectors({})
+    vectors = ItemVectors(_BytesStore(Path(settings.home) / "cache" / "item-vectors.sqlite"))
     used = {i for h in histories for i in h.item_ids}
     vectors.put_texts({i: catalog.text[i] for i in used if i in catalog.text})
     return DriftRule.from_settings(settings, vectors)

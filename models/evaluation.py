@@ -1,0 +1,232 @@
+"""`liber eval`: does UIF lift CTR models on MovieLens? The papers' comparison, measured.
+
+For each backbone (DIN, DCNv2) and each variant, 3 seeds (model init and batch order; the data
+and user split are fixed), trained with early stopping on validation AUC and scored on the
+test users:
+
+    base       the backbone alone (candidate item, history items with their ratings)
+    liber      + UIF vector from cascaded UIL summaries (latest K partition summaries + profile)
+    naive      + UIF vector from naive summaries (each close re-summarises the whole history)
+    item_text  + UIF vector from the partitions' own item text, no LLM (a diagnostic: does the
+               LLM add anything over encoding what the user rated?)
+
+Significance of each lift over `base`: the paired per-seed AUC differences (mean, std, t and
+two-sided p over the seeds), and a bootstrap over test *users* (resampled with replacement,
+predictions averaged over seeds) giving a 95% CI of the AUC difference.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+
+from models import training
+from models.training import SplitTensors, TrainConfig, auc, logloss
+
+VARIANTS = ("base", "liber", "naive", "item_text")
+SOURCE_OF = {"liber": "cascade", "naive": "naive", "item_text": "item_text"}
+BACKBONES = ("din", "dcnv2")
+
+
+def _load() -> dict:
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2),
+            "loadavg_15m": round(fifteen, 2)}
+
+
+def _uptime() -> str:
+    try:
+        import subprocess
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _paired(diffs: list[float]) -> dict:
+    n = len(diffs)
+    mean = float(np.mean(diffs))
+    if n < 2:
+        return {"mean": mean, "n": n}
+    std = float(np.std(diffs, ddof=1))
+    t = mean / (std / math.sqrt(n)) if std > 0 else math.copysign(math.inf, mean or 1.0)
+    out = {"mean": round(mean, 5), "std": round(std, 5), "n": n, "t": round(t, 3)}
+    try:
+        from scipy import stats
+        out["p_two_sided"] = round(float(2 * stats.t.sf(abs(t), n - 1)), 4)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _bootstrap(labels: np.ndarray, users: np.ndarray, base: np.ndarray, other: np.ndarray,
+               rounds: int, seed: int = 0) -> dict:
+    """AUC(other) - AUC(base) over test users resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(users)
+    rows = {u: np.flatnonzero(users == u) for u in ids}
+    diffs = []
+    for _ in range(rounds):
+        pick = np.concatenate([rows[u] for u in rng.choice(ids, size=len(ids), replace=True)])
+        a, b = auc(labels[pick], other[pick]), auc(labels[pick], base[pick])
+        if not (math.isnan(a) or math.isnan(b)):
+            diffs.append(a - b)
+    diffs = np.asarray(diffs)
+    return {"auc_diff": round(auc(labels, other) - auc(labels, base), 5),
+            "ci95": [round(float(np.quantile(diffs, 0.025)), 5),
+                     round(float(np.quantile(diffs, 0.975)), 5)],
+            "share_le_0": round(float(np.mean(diffs <= 0)), 4), "rounds": len(diffs),
+            "unit": "test user"}
+
+
+def run(settings, *, dataset: str = "ml-1m", users: int = 60, depth: int = 2, k: int = 2,
+        history_len: int = 50, seeds=(0, 1, 2), backbones=BACKBONES, variants=VARIANTS,
+        max_new_tokens: int = 48, batch_size: int = 16, epochs: int = 15, patience: int = 2,
+        bootstrap: int = 1000, data_seed: int = 0, examples: int = 2,
+        log: Callable[[str], object] = lambda m: None) -> dict:
+    started = time.monotonic()
+    load_start, uptime_start = _load(), _uptime()
+    sources = tuple(SOURCE_OF[v] for v in variants if v != "base")
+    data = training.prepare(settings, dataset=dataset, n_users=users, depth=depth, k=k,
+                            history_len=history_len, data_seed=data_seed, sources=sources,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, log=log)
+    prepare_s = round(time.monotonic() - started, 1)
+    test = data.splits["test"]
+    results: dict = {}
+    probs: dict = {}
+    for backbone in backbones:
+        results[backbone] = {}
+        for variant in variants:
+            source = SOURCE_OF.get(variant)
+            tensors = {name: SplitTensors(s, data.lookups[source][name] if source else None,
+                                          data.matrices[source] if source else None)
+                       for name, s in data.splits.items()}
+            config = training.model_config(backbone, data.catalog, interest=source is not None,
+                                           k=k)
+            runs = []
+            for seed in seeds:
+                model = training.build_model(config, data.catalog, seed)
+                cfg = TrainConfig(epochs=epochs, patience=patience, seed=seed)
+                fit = training.fit(model, tensors["train"], tensors["val"], cfg)
+                p = training.predict(model, tensors["test"])
+                probs[backbone, variant, seed] = p
+                runs.append({"seed": seed, "test_auc": auc(test.label, p),
+                             "test_logloss": logloss(test.label, p),
+                             "val_auc": fit.best_val_auc, "best_epoch": fit.best_epoch,
+                             "epochs_run": fit.epochs_run, "fit_s": fit.seconds})
+                log(f"{backbone}/{variant} seed {seed}: test AUC {runs[-1]['test_auc']:.4f} "
+                    f"logloss {runs[-1]['test_logloss']:.4f} (best epoch {fit.best_epoch})")
+            aucs = [r["test_auc"] for r in runs]
+            losses = [r["test_logloss"] for r in runs]
+            results[backbone][variant] = {
+                "auc_mean": round(float(np.mean(aucs)), 5),
+                "auc_std": round(float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0, 5),
+                "logloss_mean": round(float(np.mean(losses)), 5),
+                "logloss_std": round(float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0, 5),
+                "runs": [{k_: (round(v, 5) if isinstance(v, float) else v) for k_, v in r.items()}
+                         for r in runs]}
+    lifts: dict = {}
+    for backbone in backbones:
+        lifts[backbone] = {}
+        if "base" not in variants:
+            break
+        base_mean = np.mean([probs[backbone, "base", s] for s in seeds], axis=0)
+        for variant in variants:
+            if variant == "base":
+                continue
+            diffs = [auc(test.label, probs[backbone, variant, s]) -
+                     auc(test.label, probs[backbone, "base", s]) for s in seeds]
+            other_mean = np.mean([probs[backbone, variant, s] for s in seeds], axis=0)
+            lifts[backbone][variant] = {
+                "paired_over_seeds": _paired(diffs),
+                "bootstrap_seed_averaged": _bootstrap(test.label, test.user, base_mean,
+                                                      other_mean, bootstrap)}
+    counts = {
+        "users": {name: len(ids) for name, ids in data.users.items()},
+        "samples": {name: len(s) for name, s in data.splits.items()},
+        "positive_rate": {name: round(float(s.label.mean()), 4) if len(s) else None
+                          for name, s in data.splits.items()},
+        "partitions_summarised_per_source": sum(len(p) for p in data.partitions.values()),
+        "partitions_per_user": depth,
+        "summaries": {src: {"ok": sum(x is not None for v in by_user.values() for x in v),
+                            "failed": sum(x is None for v in by_user.values() for x in v)}
+                      for src, by_user in data.summaries.items()},
+        "distinct_texts_encoded": {src: int(m.shape[0] - 1) for src, m in data.matrices.items()},
+    }
+    out = {
+        "dataset": dataset,
+        "protocol": {
+            "label": "rating > 3",
+            "split": "by user (train/val/test 70/15/15), users drawn at random (data_seed) "
+                     f"among those with > {depth} closed partitions",
+            "samples": f"every rating after the user's partition 0 up to the end of partition "
+                       f"{depth}: each sample has 1..{depth} closed partitions behind it",
+            "features": f"candidate item id + genres; last {history_len} ratings strictly "
+                        "before the sample (item, rating); variants add the UIF user vector",
+            "leakage": "history, partitions, summaries and vectors use only ratings with "
+                       "ts < the sample's ts (partitions whose last rating is >= ts are unused)",
+            "partitions": "streams.partitioner (UBSP) with the settings' close rules "
+                          f"(max_events {settings.max_events}, max_gap_s {settings.max_gap_s}, "
+                          f"max_span_s {settings.max_span_s}, drift "
+                          f"{settings.drift_threshold if data.stats.get('drift') else 'off'})",
+            "vectors": f"all-MiniLM-L6-v2 (frozen) over the latest {k} partition summaries and "
+                       "the cascaded profile -> attention fusion -> hybrid-expert adaptor "
+                       "(2 shared + 2 specific experts) -> 32-d vector into the backbone's MLP "
+                       "(DIN) or x0 (DCNv2); trained with the backbone",
+            "seeds": list(seeds), "epochs_max": epochs, "early_stopping_patience": patience,
+        },
+        "summaries_made_by": {
+            "code": "models.summaries_batch: llm_workers.prompts cascade_prompt / "
+                    "fit_naive_prompt + parse, llm_workers.backends.create(settings)",
+            **data.stats.get("summariser", {}), "stats": data.stats.get("summaries", {})},
+        "counts": counts,
+        "results": results,
+        "lift_vs_base": lifts,
+        "examples": _examples(data, examples),
+        "timing_s": {"prepare_incl_summaries": prepare_s,
+                     "total": round(time.monotonic() - started, 1)},
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": _torch_threads(), "load_at_start": load_start,
+                    "load_at_end": _load(), "uptime_at_start": uptime_start,
+                    "uptime_at_end": _uptime()},
+    }
+    out["notes"] = _notes(out)
+    return out
+
+
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _examples(data, n: int) -> list[dict]:
+    out = []
+    for user in list(data.partitions)[:n]:
+        entry = {"user": user}
+        for source, by_user in data.summaries.items():
+            if source == "item_text":
+                continue
+            entry[source] = [None if s is None else {"partition_summary": s.partition_summary,
+                                                     "cascaded_summary": s.cascaded_summary}
+                             for s in by_user[user]]
+        out.append(entry)
+    return out
+
+
+def _notes(out: dict) -> list[str]:
+    notes = []
+    for backbone, by_variant in out["lift_vs_base"].items():
+        for variant, lift in by_variant.items():
+            boot = lift["bootstrap_seed_averaged"]
+            low, high = boot["ci95"]
+            verdict = ("significant lift" if low > 0 else "significant drop" if high < 0
+                       else "no significant difference")
+            notes.append(f"{backbone} {variant} vs base: AUC diff {boot['auc_diff']:+.4f}, "
+                         f"95% CI over test users [{low:+.4f}, {high:+.4f}]: {verdict}")
+    test_users = out["counts"]["users"]["test"]
+    notes.append(f"the test split has {test_users} users and {out['counts']['samples']['test']} "
+                 "samples: CIs are wide; more users (--users) need more LLM time")
+    return notes
