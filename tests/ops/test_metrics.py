@@ -67,15 +67,26 @@ def test_names_follow_prometheus_conventions(exported):
     for name in families(exported):
         assert re.fullmatch(r"liber_[a-z0-9_]+", name), name
     from prometheus_client import REGISTRY
+    checked = 0
     for family in REGISTRY.collect():
         if not family.name.startswith("liber_"):
             continue
-        if family.type == "counter":
-            assert not family.name.endswith("_total"), family.name  # the client appends it
+        checked += 1
+        assert family.documentation.strip(), f"{family.name}: no help text"
+        # `_total` only on counters (the client appends it), never on gauges or histograms
+        assert not family.name.endswith("_total"), family.name
+        if family.type != "counter":
+            assert "_total" not in family.name, f"{family.name} is a {family.type}"
         for sample in family.samples:
-            assert "user" not in sample.labels, f"{family.name}: no user ids in labels"
-        if family.name.endswith(("_seconds", "_bytes")):
-            assert family.type in ("gauge", "histogram", "counter"), family.name
+            assert not {"user", "user_id", "key"} & set(sample.labels), \
+                f"{family.name}: no user ids in labels"
+    assert checked >= 50
+    # label names as declared (labelled metrics have no samples until used)
+    declared = {name: getattr(c, "_labelnames", ()) for c, names in
+                REGISTRY._collector_to_names.items() for name in names if name.startswith("liber_")}
+    assert declared["liber_dead_lettered_total"] == ("topic", "reason")
+    for name, labels in declared.items():
+        assert not {"user", "user_id", "key"} & set(labels), f"{name}: no user ids in labels"
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
