@@ -67,7 +67,7 @@ class Settings:
     batch_size: int = field(default=500, metadata={"help": "events taken from the stream per batch"})
     # --- LLM workers (UIL) ---------------------------------------------------------
     llm_backend: str = field(default="transformers",
-                             metadata={"help": "transformers, failing (tests: injects failures) or module:factory"})
+                             metadata={"help": "transformers, vllm, vllm-server, failing (tests: injects failures) or module:factory"})
     llm_model: str = field(default="smollm2-135m-instruct",
                            metadata={"help": "default SmolLM2-135M-Instruct, or a local model directory"})
     llm_device: str = field(default="cpu", metadata={"help": "torch device of the transformers backend"})
@@ -100,6 +100,9 @@ class Settings:
     llm_fail_marker: str = field(default="",
                                  metadata={"help": "failing backend: prompts containing this fail"})
     llm_fail_first: int = field(default=0, metadata={"help": "failing backend: first N calls fail"})
+    llm_url: str = field(default="", metadata={"help": "vllm-server backend: base URL of an OpenAI-compatible vLLM server"})
+    llm_vllm_kv_cache_mb: int = field(default=512, metadata={"help": "vllm backend: KV cache size (MiB)"})
+    llm_vllm_speculative: str = field(default="off", metadata={"help": "vllm backend: off, dare (pools; LIBER_DARE_MODE), ngram or suffix"})
     # --- DARE decoding ---------------------------------------------------------------
     dare_mode: str = field(default="relaxed", metadata={"help": "off, strict (lossless) or relaxed"})
     dare_draft_len: int = field(default=15, metadata={"help": "most draft tokens verified per step"})
@@ -201,6 +204,10 @@ class Settings:
             raise bad("llm_dtype", "must be float32, bfloat16 or float16")
         if not self.llm_backend.strip() or any(c.isspace() for c in self.llm_backend):
             raise bad("llm_backend", "must be a backend name or module:factory")
+        if self.llm_vllm_speculative not in ("off", "dare", "ngram", "suffix"):
+            raise bad("llm_vllm_speculative", "must be off, dare, ngram or suffix")
+        if self.llm_vllm_kv_cache_mb < 16:
+            raise bad("llm_vllm_kv_cache_mb", "must be >= 16")
 
     # --- derived values ------------------------------------------------------------
     @property

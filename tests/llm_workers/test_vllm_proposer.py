@@ -1,0 +1,73 @@
+"""DARE's vLLM proposer without an engine: pools chosen from what a prompt carries, and feeding.
+
+The real tokenizer of SmolLM2-135M-Instruct and real RocksDB pools; the engine-side tests are in
+test_vllm_backend.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from llm_workers import model_store, prompts
+from llm_workers.dare import uil_prompts, vllm_proposer
+from llm_workers.dare.pools import PoolStore
+from llm_workers.dare.routing import PoolRouter
+from llm_workers.prompts import Activity
+from llm_workers.vllm_backend import render
+from tests.conftest import base_settings
+
+VOCAB = ["Action", "Children's", "Comedy", "Crime", "Drama", "Romance", "Thriller"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_store.model_dir(base_settings().home)))
+
+
+def _ids(tokenizer, prompt) -> list[int]:
+    return tokenizer(render(tokenizer, prompt), add_special_tokens=False).input_ids
+
+
+def test_pools_come_from_the_prompt_text(tokenizer, tmp_path):
+    store = PoolStore(str(tmp_path / "pools"))
+    # two clusters: crime lovers and family viewers (centroids over VOCAB)
+    router = PoolRouter([[0.5, 0, 0, 0.7, 0, 0, 0.5], [0, 0.7, 0.7, 0, 0, 0, 0]])
+    store.put_meta(vllm_proposer.ROUTER_META, router.to_meta())
+    store.put_meta(vllm_proposer.VOCAB_META, VOCAB)
+    pr = vllm_proposer.PromptRouter(tokenizer, store, genre_pools=2)
+    crime = prompts.cascade_prompt(
+        [Activity("Heat (1995) [Action|Crime|Thriller]", "rate", 5.0),
+         Activity("Se7en (1995) [Crime|Thriller]", "rate", 4.0)],
+        context="Likes crime films.", context_kind=prompts.CONTEXT_PREVIOUS)
+    ids = _ids(tokenizer, crime)
+    assert pr.pools(ids) == ["cluster:0", "genre:Crime", "genre:Thriller"]
+    # the answer so far does not change the routing (only the prompt part is read)
+    answer = tokenizer(" thrillers [Comedy|Comedy|Comedy]", add_special_tokens=False).input_ids
+    assert pr.prompt_end(ids + answer) == pr.prompt_end(ids) < len(ids)
+    assert pr.pools(ids + answer) == pr.pools(ids)
+    # the benchmark's own prompt shape routes the same way
+    kids = uil_prompts.prompt_ids(tokenizer, [("Babe (1995)", ["Children's", "Comedy"], 4.0),
+                                              ("Toy Story (1995)", ["Children's", "Comedy"], 5.0)],
+                                  None)
+    assert pr.pools(kids) == ["cluster:1", "genre:Children's", "genre:Comedy"]
+    # no genres in the prompt: no pool (drafts come from the request's own text only)
+    assert pr.pools(_ids(tokenizer, "Say hello.")) == []
+    store.close()
+
+
+def test_feed_stores_generations_in_the_routed_pools_and_they_persist(tokenizer, tmp_path):
+    path = str(tmp_path / "pools")
+    key = vllm_proposer.register_store(None, path, {"genre_pools": 1})
+    prompt = _ids(tokenizer, prompts.cascade_prompt(
+        [Activity("Casino (1995) [Crime|Drama]", "rate", 5.0)], context=None,
+        context_kind=prompts.CONTEXT_NONE))
+    answer = tokenizer(" crime dramas with strong casts.", add_special_tokens=False).input_ids
+    assert vllm_proposer.feed(key, prompt, answer, tokenizer) == ["genre:Crime"]
+    store = vllm_proposer.store_for(key)
+    draft = store.draft(prompt[-4:] + answer[:3], ["genre:Crime"], 4)
+    assert draft.tokens == answer[3:7] and draft.pool == "genre:Crime"
+    store.close()
+    reopened = PoolStore(path)
+    assert reopened.stats()["genre:Crime"]["sequences"] == 1
+    assert reopened.draft(prompt[-4:] + answer[:3], ["genre:Crime"], 4).tokens == answer[3:7]
+    reopened.close()
