@@ -101,7 +101,13 @@ def bench_llm_cost(settings: Settings, args) -> dict:
 
 
 # Benchmark name -> function(settings, args) returning the JSON-able result.
-BENCHMARKS = {"stream": bench_stream, "dare": bench_dare, "llm-cost": bench_llm_cost}
+def bench_fusion(settings: Settings, args) -> dict:
+    from llm_workers.bench_fusion import run
+    return run(settings, users=args.users, log=lambda m: print(m, file=sys.stderr))
+
+
+BENCHMARKS = {"stream": bench_stream, "dare": bench_dare, "llm-cost": bench_llm_cost,
+              "fusion": bench_fusion}
 
 
 def cmd_bench(settings: Settings, args) -> int:
@@ -256,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_workers.dare.bench import add_arguments as dare_arguments  # stdlib-only import
     dare_arguments(p.add_argument_group("dare (retrieval-pool speculative decoding)"))
     g = p.add_argument_group("llm-cost (cascade vs naive token cost)")
-    g.add_argument("--users", type=int, default=1000, help="first N users of the dataset")
+    g.add_argument("--users", type=int, default=1000,
+                   help="first N users of the dataset (fusion: synthetic users, 3 summaries each)")
     g.add_argument("--gen-sample-users", type=int, default=4,
                    help="users whose first partitions are really generated (cascade sample)")
     g.add_argument("--gen-sample-depth", type=int, default=3,
