@@ -281,7 +281,7 @@ def run_fault(fault: str, base: Settings, broker: LocalKafka, workdir: Path, *, 
               log=print) -> dict:
     """Run one fault and return its figures and the invariants' report."""
     llm_env = {}
-    overrides = dict(llm_backend=FAULT_BACKEND, llm_max_new_tokens=32, llm_batch_size=8,
+    overrides = dict(batch_size=25, llm_backend=FAULT_BACKEND, llm_max_new_tokens=32, llm_batch_size=8,
                      llm_retry_backoff_s=0.5, llm_max_attempts=4, log_level="INFO",
                      drift_threshold=0.0)
     if fault == "llm_errors":
@@ -301,6 +301,9 @@ def run_fault(fault: str, base: Settings, broker: LocalKafka, workdir: Path, *, 
     with BehaviorProducer(settings) as producer:
         for item in items:
             producer.send_item(item)
+    # the catalogue loaded = the stream worker consumes: only now does the replay's clock start
+    wait_until(lambda: (pipe.stream.metric("liber_items_loaded_total") or 0) >= len(items), 180,
+               pipe)
     replay = Replay(settings, events, rate=max(1.0, len(events) / replay_s))
     replay.start()
     injected = inject(fault, pipe, broker, len(events), log)

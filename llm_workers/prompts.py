@@ -7,7 +7,9 @@ named factors (genres, directors and actors, themes, mood, what the user avoids)
 
 Item titles come from producers and are untrusted: every title is flattened to one line
 (control, format and line-break characters removed), stripped of the quote character that
-delimits it, capped in length, and shown between double quotes as data. The previous summary
+delimits it, its angle brackets turned into look-alikes (so no `<|im_end|>`-style text can
+become a special token of the chat template), capped in length, and shown between double
+quotes as data. The previous summary
 (model output) is flattened and capped the same way before it becomes context.
 
 The answer is a fixed set of labelled lines, e.g.
@@ -28,7 +30,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-TEMPLATE_VERSION = "uil-kar-v1"
+TEMPLATE_VERSION = "uil-kar-v2"  # v2: angle brackets in untrusted text neutralised
 
 SUMMARY, SHIFT, PROFILE = "SUMMARY", "SHIFT", "PROFILE"
 CASCADE_LABELS = (SUMMARY, SHIFT, PROFILE)
@@ -71,6 +73,7 @@ _NO_CONTEXT = "Previous profile: none, this person is new."
 # Genres are appended by the stream worker as `Title (1995) [Action|Crime]` (Item.text()).
 _GENRES = re.compile(r"^(.*\S)\s*\[([^\[\]]*)\]\s*$", re.S)
 _WS = re.compile(r"\s+")
+_ANGLES = {"<": "\u2039", ">": "\u203a"}  # single angle quotation marks
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ def clean_text(text: str, max_chars: int, *, quote: str | None = '"') -> str:
             continue
         elif quote and ch == quote:
             out.append("'")
+        elif ch in _ANGLES:  # `<|im_start|>`, `</s>`: tokenizers read these as special tokens
+            out.append(_ANGLES[ch])
         else:
             out.append(ch)
     flat = _WS.sub(" ", "".join(out)).strip()

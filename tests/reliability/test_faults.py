@@ -1,0 +1,36 @@
+"""The cheapest faults of `liber chaos`, reduced to a few MovieLens users, on the session broker:
+the workers run as real child processes, the invariants are read back from the topics."""
+from __future__ import annotations
+
+import pytest
+
+from liber import chaos
+
+pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
+
+
+def run(fault, settings, kafka, tmp_path, **kw):
+    result = chaos.run_fault(fault, settings, kafka, tmp_path, replay_s=6.0, drain_s=300,
+                             log=lambda m: None, **kw)
+    report = result["invariants"]
+    assert result["injected"].get("reached", True), result["injected"]
+    assert result["drained"] and not result["unexpected_exits"], result
+    assert (result["lost"], result["duplicate_summaries"], result["version_regressions"]) == \
+        (0, 0, 0), report["examples"]
+    assert report["ok"], report
+    assert result["events_in"] == result["events_accounted"] == result["events_sent"]
+    return result
+
+
+def test_kill_9_of_the_stream_worker_loses_nothing(settings, kafka, tmp_path):
+    result = run("kill_stream_worker", settings, kafka, tmp_path, users=5, per_user=30,
+                 with_llm=False)
+    assert 0 < result["injected"]["at_events_in"] < result["events_sent"]
+    assert result["invariants"]["partitions"] > 0
+
+
+def test_llm_errors_and_timeouts_are_retried_or_dead_lettered(settings, kafka, tmp_path):
+    result = run("llm_errors", settings, kafka, tmp_path, users=3, per_user=20)
+    report = result["invariants"]
+    assert report["partitions"] > 0 and report["unsummarised"] == 0
+    assert report["summaries"] + report["llm_dead_lettered"] >= report["partitions"]
