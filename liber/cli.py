@@ -204,6 +204,16 @@ def cmd_status(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_check_kafka(settings: Settings, args) -> int:
+    from liber.kafka_check import KafkaCheckError, check
+    try:
+        print(json.dumps(check(settings)))
+    except KafkaCheckError as exc:
+        print(f"liber: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_config(settings: Settings, args) -> int:
     print(json.dumps(settings.summary(), indent=2, default=str))
     return 0
@@ -336,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--closes", type=int, default=10, help="recent partition closes to show")
     p.add_argument("--no-kafka", action="store_true", help="metrics endpoints only")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check-kafka", help="connect to LIBER_BOOTSTRAP_SERVERS with the configured "
+                                            "security settings; one clear line when it fails")
+    p.set_defaults(func=cmd_check_kafka)
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)
