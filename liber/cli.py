@@ -322,12 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(models/evaluation.py)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--dataset", default="ml-1m", choices=["ml-100k", "ml-1m"])
-        p.add_argument("--users", type=int, default=60, help="users drawn (split 70/15/15)")
+        p.add_argument("--users", type=int, default=40, help="users drawn (split 70/15/15)")
         p.add_argument("--depth", type=int, default=2, help="partitions summarised per user")
         p.add_argument("--k", type=int, default=2, help="latest partition summaries fused")
         p.add_argument("--epochs", type=int, default=15, help="most epochs (early stopping)")
-        p.add_argument("--max-new-tokens", type=int, default=48, help="LLM answer cap")
-        p.add_argument("--llm-batch", type=int, default=16, help="prompts per LLM call")
+        p.add_argument("--max-new-tokens", type=int, default=40, help="LLM answer cap")
+        p.add_argument("--llm-batch", type=int, default=20, help="prompts per LLM call")
         if name == "train":
             p.add_argument("--source", default="cascade", choices=["cascade", "naive", "item_text"])
             p.add_argument("--backbone", default="din", choices=["din", "dcnv2"])

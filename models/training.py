@@ -103,9 +103,6 @@ def prepare(settings, *, dataset: str = "ml-1m", n_users: int = 60, depth: int =
     log(f"{dataset}: {len(histories)} users; {len(eligible)} drawn with > {depth} partitions "
         f"(train {len(users['train'])}, val {len(users['val'])}, test {len(users['test'])})")
     chosen = [u for split in users.values() for u in split]
-    log(f"{dataset}: {len(histories)} users, {len(eligible)} with > {depth} partitions; "
-        f"{len(chosen)} drawn (train {len(users['train'])}, val {len(users['val'])}, "
-        f"test {len(users['test'])})")
     parts = {u: ctr_data.batch_partitions(histories[u], catalog, depth) for u in chosen}
     splits = {name: ctr_data.build_samples([histories[u] for u in ids], catalog, depth,
                                            history_len) for name, ids in users.items()}

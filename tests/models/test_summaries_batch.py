@@ -59,7 +59,7 @@ def test_cascade_prompt_carries_the_previous_profile(tmp_path, backend):
         def count_tokens(self, prompt):
             return backend.count_tokens(prompt)
 
-    summariser = BatchSummariser(base_settings(), max_new_tokens=24, backend=Recording(),
+    summariser = BatchSummariser(base_settings(), max_new_tokens=16, backend=Recording(),
                                  cache=SummaryCache(tmp_path / "c.sqlite"))
     out, _ = summariser.run({"7": PARTS["7"]}, "cascade")
     first, second = seen[0][0], seen[1][0]
