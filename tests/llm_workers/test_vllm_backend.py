@@ -72,9 +72,9 @@ def test_dare_proposer_drafts_from_the_pools_and_vllm_accepts(backend):
     calls_before = runner.drafter.calls
     before = backend.spec_decode_counts()
     first = prompts.cascade_prompt(DRAMA, context=None, context_kind=prompts.CONTEXT_NONE)
-    a = backend.generate([first], 48, timeout_s=600)[0]
+    a = backend.generate([first], 32, timeout_s=600)[0]
     # the same partition again: its genre pools now hold the first answer
-    b = backend.generate([first], 48, timeout_s=600)[0]
+    b = backend.generate([first], 32, timeout_s=600)[0]
     after = backend.spec_decode_counts()
     assert runner.drafter.calls > calls_before
     assert after["drafts"] > before["drafts"]
@@ -93,7 +93,7 @@ def test_relaxed_sampler_accepts_only_by_the_rule(backend, hf_model):
     sampler = backend.model_runner().rejection_sampler
     assert type(sampler).__name__ == "RelaxedRejectionSampler"
     assert (sampler.top_k, sampler.min_prob) == (2, 0.1)
-    gen = backend.generate([COUNTING], 48, timeout_s=600)[0]
+    gen = backend.generate([COUNTING], 32, timeout_s=600)[0]
     model, tok = hf_model
     prompt = backend.prompt_ids(COUNTING)
     out = tok(gen.text, add_special_tokens=False).input_ids   # no structure: no prefix, no guide
