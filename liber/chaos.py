@@ -313,7 +313,10 @@ def run_fault(fault: str, base: Settings, broker: LocalKafka, workdir: Path, *, 
         replay.join(1.0)
     if replay.error:
         raise RuntimeError(f"replay failed: {replay.error!r}")
+    at_replay_end = pipe.sample()
     drained = pipe.drain(drain_s, log)
+    llm_counts = {name: pipe.llm.metric(f"liber_llm_{name}_total")
+                  for name in ("errors", "retries", "summaries")} if pipe.llm else {}
     exits = pipe.stop()
     report = invariants.check(settings, require_summaries=with_llm, require_vectors=with_fusion)
     lags = [r["stream_lag"] for r in pipe.samples if r["stream_lag"] is not None]
@@ -326,7 +329,9 @@ def run_fault(fault: str, base: Settings, broker: LocalKafka, workdir: Path, *, 
         "ok": report.ok and drained and not pipe.unexpected_exits,
         "drained": drained, "unexpected_exits": pipe.unexpected_exits,
         "exit_codes": exits, "seconds": round(time.monotonic() - started, 1),
-        "stream_lag_max": max(lags, default=None), "fusion_worker": with_fusion,
+        "stream_lag_max": max(lags, default=None),
+        "stream_lag_at_replay_end": at_replay_end["stream_lag"],
+        "llm_worker_counts_last_process": llm_counts, "fusion_worker": with_fusion,
         "invariants": report.to_dict(),
     }
     if pipe.llm:

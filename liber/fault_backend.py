@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 from llm_workers import backends
 from llm_workers.backends import Backend, LLMError, LLMTimeout
