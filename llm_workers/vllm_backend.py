@@ -32,7 +32,6 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from llm_workers.backends import (Backend, BackendError, Generation, LLMError, LLMTimeout,
                                   as_chat, register)

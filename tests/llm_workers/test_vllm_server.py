@@ -3,7 +3,6 @@ SmolLM2-135M-Instruct) that the module starts on a free loopback port."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
