@@ -110,10 +110,10 @@ def run_demo(settings: Settings, dataset: str = "ml-100k", users: int | None = 5
             "liber_fusion_records_in_total", topic="summaries"),
             llm.metric("liber_llm_summaries_total"), timeout=600)
         print("== 5/6 results")
-        shown = _print_results(settings, stream, llm, show)
+        users_by_partitions = _print_results(settings, stream, llm, show)
         print("\n== 6/6 ranking with the user's interest vector (user-interests -> ranker "
               "cache -> CTR model)")
-        show_before_after(settings, dataset, shown, per_user, artifact)
+        show_before_after(settings, dataset, users_by_partitions, per_user, artifact)
         return 0
     finally:
         for worker in workers:
@@ -160,8 +160,8 @@ def _print_results(settings: Settings, stream: Process, llm: Process, show: int)
           f"users, by rule {rules}")
     print(f"summaries: {sum(map(len, summaries.values()))}; LLM tokens in {tokens_in}, "
           f"out {tokens_out}, model seconds {llm.metric('liber_llm_model_seconds_total'):.0f}")
-    shown = sorted(partitions, key=lambda u: -len(partitions[u]))[:show]
-    for user in shown:
+    users = sorted(partitions, key=lambda u: -len(partitions[u]))
+    for user in users[:show]:
         print(f"\nuser {user}: {len(partitions[user])} partitions")
         by_seq = {s.seq: s for s in summaries.get(user, [])}
         for part in partitions[user]:
@@ -176,4 +176,4 @@ def _print_results(settings: Settings, stream: Process, llm: Process, show: int)
         last = max(by_seq.values(), key=lambda s: s.seq, default=None)
         if last:
             print(f"  cascaded interest profile after seq {last.seq}: {last.cascaded_summary}")
-    return shown
+    return users  # most partitions first

@@ -6,6 +6,7 @@ the demo's dataset, otherwise a tiny one trained on the spot (and kept for the n
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -70,6 +71,7 @@ def show_before_after(settings: Settings, dataset: str, users: list[str], per_us
     """Rank popular unseen movies for the first of `users` with enough later events, replay
     the user's next `max_events` events (so at least one partition closes), wait for the new
     vector and rank again."""
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # client chatter would break the list
     data_dir = movielens.fetch(settings.home, datasets=(dataset,), log=lambda m: None)[dataset]
     ratings = movielens.load_ratings(data_dir, dataset)
     titles = {m.item_id: f"{m.title} [{'|'.join(m.genres)}]"
