@@ -52,7 +52,7 @@ class Batch(list):
 
 
 async def batches(stream, max_size: int, wait_s: float = 0.05):
-    """Batches of up to `max_size` events, cut short when none arrives for `wait_s`. Acks
+    """Batches of up to `max_size` events, cut when the batch is `wait_s` old. Acks
     are left to the caller, who acks once the batch's effects are durable.
 
     Faust's `take_events` is not used: after an await it files the stream's *current* event
@@ -80,6 +80,7 @@ async def batches(stream, max_size: int, wait_s: float = 0.05):
             newest[message.tp] = message.offset
             batch.append(event)
 
+    loop = asyncio.get_running_loop()
     pumping = asyncio.ensure_future(pump())
     try:
         while True:
@@ -92,12 +93,23 @@ async def batches(stream, max_size: int, wait_s: float = 0.05):
             batch = Batch()
             batch.copies = []
             add(batch, getting.result())
+            deadline = loop.time() + wait_s
             while len(batch) + len(batch.copies) < max_size:
-                if queue.empty():
-                    await asyncio.sleep(wait_s)
-                    if queue.empty():
-                        break
-                add(batch, queue.get_nowait())
+                if not queue.empty():
+                    add(batch, queue.get_nowait())
+                    continue
+                # Wait for the next event until the batch is `wait_s` old. A get that has not
+                # completed is cancelled before it took anything; a completed one is used.
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                getting = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getting, pumping}, timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    break
+                add(batch, getting.result())
             if batch.copies:
                 log.info("%d records delivered again by Faust in this run: skipped",
                          len(batch.copies))
@@ -144,7 +156,9 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=False,
         producer_acks=-1,
         # Batch outgoing changelog and output records instead of one request per record.
-        producer_linger=0.02,
+        # Each batch waits for its records' acks (make_durable), so a long linger would only
+        # add to every batch's wait.
+        producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
         stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
         **faust_broker_options(settings),

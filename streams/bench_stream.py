@@ -55,19 +55,23 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float) -> dict:
+def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
+                 log=print) -> dict:
     port = free_port()
     env = {**os.environ, **settings.replace(metrics_port=port, log_level="WARNING").to_env()}
-    with open(log_path, "wb") as log:
+    with open(log_path, "wb") as worker_log:
         proc = subprocess.Popen([sys.executable, "-m", "liber.cli", "worker"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=worker_log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         first = last = None
         seen, deadline = 0.0, time.monotonic() + timeout
         while seen < total:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker stopped or timed out at {seen}/{total}; see {log_path}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker stopped at {seen}/{total}; see {log_path}")
+            if time.monotonic() > deadline:  # report the rate so far rather than nothing
+                log(f"timed out after {timeout:.0f}s at {seen:.0f}/{total} events")
+                break
             try:
                 seen = scrape(url, "liber_events_in_total")
             except OSError:
@@ -78,9 +82,9 @@ def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float)
             last = now
             time.sleep(0.05)
         # Events counted at the first sample arrived before it: extrapolate back linearly.
-        elapsed = last - first[0]
-        rate = (total - first[1]) / elapsed if elapsed > 0 else float("nan")
-        return {"events_per_s": rate, "worker_seconds": elapsed,
+        elapsed = last - first[0] if first else 0.0
+        rate = (seen - first[1]) / elapsed if elapsed > 0 else float("nan")
+        return {"events_per_s": rate, "worker_seconds": elapsed, "events_processed": int(seen),
                 "partitions_closed": int(scrape(url, "liber_partitions_closed_total")),
                 "dead_lettered": int(scrape(url, "liber_dead_lettered_total")),
                 "peak_rss_mb": round(_peak_rss_mb(proc.pid), 1)}
@@ -101,7 +105,7 @@ def machine() -> dict:
 
 
 def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
-        timeout: float = 1800.0, log=print) -> dict:
+        timeout: float = 3600.0, log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="liber-bench-stream-"))
     broker = LocalKafka(settings.home, work / "kafka", port=free_port())
     settings = settings.replace(bootstrap_servers=broker.bootstrap, state_dir=str(work / "state"),
@@ -113,18 +117,21 @@ def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
         log(f"bare consumer: reading {produced.events} events ...")
         raw_seconds = asyncio.run(_bare_consume(settings, produced.events))
         log(f"stream worker: processing {produced.events} events ...")
-        worker = _time_worker(settings, produced.events, work / "worker.log", timeout)
+        worker = _time_worker(settings, produced.events, work / "worker.log", timeout, log)
         raw_rate = produced.events / raw_seconds
         return {"benchmark": "stream", "dataset": dataset, "events": produced.events,
                 "events_per_s": round(worker["events_per_s"]),
                 "raw_consumer_events_per_s": round(raw_rate),
                 "ratio": round(worker["events_per_s"] / raw_rate, 3),
+                "complete": worker["events_processed"] >= produced.events,
+                "worker_seconds": round(worker["worker_seconds"], 1),
                 "partitions_closed": worker["partitions_closed"],
                 "dead_lettered": worker["dead_lettered"],
                 "peak_rss_mb": worker["peak_rss_mb"],
                 "produce_events_per_s": round(produced.events / produced.seconds),
                 "topic_partitions": settings.topic_partitions,
-                "batch_size": settings.batch_size, "machine": machine()}
+                "batch_size": settings.batch_size, "drift": settings.drift_threshold > 0,
+                "load_avg_1m": round(os.getloadavg()[0], 2), "machine": machine()}
     finally:
         broker.stop(log=log)
         shutil.rmtree(work, ignore_errors=True)
