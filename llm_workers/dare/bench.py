@@ -269,7 +269,7 @@ def run(args, settings) -> dict:
     report = _report(args, results, methods, per_pool, requests, device, model, torch)
     if args.vllm:
         report.update(_vllm_rows(args, settings, store, requests, sorted(warmup.eos), vocab,
-                                 results, draft_len, top_k, min_prob))
+                                 results, draft_len, top_k, min_prob, threads))
     report["machine"]["load_avg_1m_at_start"] = load_at_start
     if device == "cpu" and not args.threads:
         report["machine"]["threads_note"] = THREADS_NOTE
@@ -295,7 +295,7 @@ def run(args, settings) -> dict:
 
 
 def _vllm_rows(args, settings, store, requests, eos, vocab, results, draft_len, top_k,
-               min_prob) -> dict:
+               min_prob, threads) -> dict:
     """vLLM's rows, measured after ours in the same run on the same prompts (vllm_bench.py)."""
     import subprocess
     from llm_workers.dare import vllm_bench
@@ -335,10 +335,12 @@ def _vllm_rows(args, settings, store, requests, eos, vocab, results, draft_len, 
             job_path, out_path = Path(tmp) / f"{method}.json", Path(tmp) / f"{method}.out.json"
             job_path.write_text(json.dumps(job))
             _log(args, f"vLLM row {method} ...")
+            env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            if threads:   # the same thread count as our rows (see THREADS_NOTE): oneDNN's
+                env.setdefault("OMP_NUM_THREADS", str(threads))   # OpenMP otherwise takes all
             proc = subprocess.run([sys.executable, "-m", "llm_workers.dare.vllm_bench",
                                    str(job_path), str(out_path)], capture_output=True, text=True,
-                                  timeout=args.vllm_timeout,
-                                  env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                                  timeout=args.vllm_timeout, env=env)
             if proc.returncode != 0 or not out_path.exists():
                 skipped[method] = "failed: " + proc.stderr.strip()[-600:]
                 continue
