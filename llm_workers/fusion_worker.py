@@ -415,6 +415,11 @@ class FusionWorker:
             if recs:
                 self.process({tp: recs}, [], publish=False)
                 read += len(recs)
+        if reader.position(tp) < end:  # going on is safe (versions still only grow), but the
+            # users of the unread records lack older partition summaries until their next ones
+            metrics.ERRORS.labels(kind="restore_timeout").inc()
+            log.error("restore of %s[%d] stopped at %d of %d after 120 s", tp.topic, tp.partition,
+                      reader.position(tp), end)
         return read
 
 
