@@ -23,7 +23,7 @@ FRESHNESS = Histogram("liber_freshness_seconds",
 FRESHNESS_UNKNOWN = Counter("liber_fusion_freshness_unknown_total",
                             "Vectors published from summaries without closed_at")
 ERRORS = Counter("liber_fusion_errors_total", "Failures by kind (invalid_record, "
-                 "invalid_partition, invalid_collective, model)", ["kind"])
+                 "invalid_partition, invalid_collective, model, restore_timeout)", ["kind"])
 DEAD_LETTERED = Counter("liber_fusion_dead_lettered_total", "Records sent to summaries.dlq",
                         ["reason"])
 BATCH_USERS = Histogram("liber_fusion_batch_users", "Users encoded per model call",
