@@ -22,8 +22,8 @@ GRAFANA = ROOT / "ops" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "liber-stream.json"
 
 EXPECTED_SERVICES = {"kafka", "topics", "stream-worker", "llm-worker", "llm-worker-cpu",
-                     "prometheus", "grafana"}
-LIBER_IMAGE_SERVICES = {"topics", "stream-worker", "llm-worker", "llm-worker-cpu"}
+                     "fusion-worker", "prometheus", "grafana"}
+LIBER_IMAGE_SERVICES = {"topics", "stream-worker", "llm-worker", "llm-worker-cpu", "fusion-worker"}
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_every_published_port_binds_loopback(services):
 def test_liber_services_start_in_order_and_keep_state(compose, services):
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["topics"].get("restart") == "no", "one-shot service"
-    for name in ("stream-worker", "llm-worker", "llm-worker-cpu"):
+    for name in ("stream-worker", "llm-worker", "llm-worker-cpu", "fusion-worker"):
         deps = services[name]["depends_on"]
         assert deps["kafka"]["condition"] == "service_healthy", name
         assert deps["topics"]["condition"] == "service_completed_successfully", name
