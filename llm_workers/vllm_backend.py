@@ -110,11 +110,16 @@ class VLLMBackend(Backend):
                  repetition_penalty: float = 1.0, guide: bool = True,
                  speculative: str = "off", num_speculative_tokens: int = 8,
                  dare: dict | None = None, pool_store=None, enforce_eager: bool = True,
-                 **engine_kwargs):
+                 threads: int = 0, **engine_kwargs):
         if speculative not in SPECULATIVE:
             raise BackendError(f"speculative={speculative!r}: must be one of {SPECULATIVE}")
         # The engine core in this process: no child process to start, feed or stop.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if threads:
+            # vLLM sets torch to one thread, but its oneDNN matmuls use OpenMP, which takes every
+            # core unless told: on a shared CPU two threads wait on each other's barrier and
+            # decoding ran several times slower here. Read when OpenMP starts.
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         try:
             from vllm import LLM
         except ImportError as exc:
@@ -317,7 +322,7 @@ def _vllm(settings) -> Backend:
                        kv_cache_bytes=settings.llm_vllm_kv_cache_mb << 20,
                        repetition_penalty=settings.llm_repetition_penalty,
                        speculative=method, num_speculative_tokens=max(1, settings.dare_draft_len),
-                       dare=dare)
+                       dare=dare, threads=settings.llm_threads)
 
 
 # --- OpenAI-compatible server ------------------------------------------------------------

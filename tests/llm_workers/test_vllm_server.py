@@ -3,6 +3,7 @@ SmolLM2-135M-Instruct) that the module starts on a free loopback port."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,10 @@ def server(tmp_path_factory):
            "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
            "--kv-cache-memory-bytes", str(256 << 20), "--enforce-eager", "--max-num-seqs", "8"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # one OpenMP thread, as the in-process backend uses (see VLLMBackend: threads)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
