@@ -174,8 +174,6 @@ def bf(settings, tmp_path):
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=False, reason="open defect: the stream worker sometimes misses one event "
-                                        "under load (issue 3 note)")
 def test_backfill_then_stream_equals_one_pass_over_the_whole_history(bf, start_worker):
     settings, ratings, cut, path = bf
     result = backfill.run(settings, path, log_fn=lambda m: None)
@@ -228,8 +226,6 @@ def test_backfill_then_stream_equals_one_pass_over_the_whole_history(bf, start_w
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=False, reason="open defect: the stream worker sometimes misses one event "
-                                        "under load (issue 3 note)")
 def test_replaying_the_backfilled_history_counts_duplicates(bf, start_worker):
     settings, ratings, cut, path = bf
     backfill.run(settings, path, log_fn=lambda m: None)
@@ -261,8 +257,6 @@ def test_bad_rows_are_dead_lettered_not_dropped(settings, tmp_path):
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=False, reason="open defect: the stream worker sometimes misses one event "
-                                        "under load (issue 3 note)")
 def test_backfill_with_drift_then_stream(bf, start_worker):
     """Drift on: the backfill's vectors reach the worker through the item-vectors changelog, so
     both sides decide on the same bytes; the union equals one pass with the same vectors."""
