@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -257,7 +256,3 @@ class _BackendId:
     def __init__(self, settings):
         self.name = settings.llm_backend
         self.model = settings.llm_model
-
-
-def elapsed(since: float) -> float:
-    return round(time.monotonic() - since, 1)
