@@ -188,10 +188,16 @@ def cmd_train(settings: Settings, args) -> int:
 
 
 def cmd_eval(settings: Settings, args) -> int:
-    from models.evaluation import run
+    from models.evaluation import VARIANTS, run
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        print(f"liber eval: unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}",
+              file=sys.stderr)
+        return 2
     result = run(settings, dataset=args.dataset, users=args.users, depth=args.depth, k=args.k,
                  seeds=tuple(range(args.seeds)), max_new_tokens=args.max_new_tokens,
                  batch_size=args.llm_batch, epochs=args.epochs,
+                 variants=tuple(args.variants.split(",")),
                  log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
@@ -336,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--seeds", type=int, default=3, help="seeds per model")
             p.add_argument("--json", action="store_true", help="one line of JSON")
+            p.add_argument("--variants", default="base,liber,naive,item_text",
+                           help="comma-separated; e.g. base,item_text (no LLM) scales to "
+                                "many users on CPU")
             p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("status", help="lag, throughput, LLM cost and recent partition closes of a "

@@ -126,7 +126,7 @@ def _read(settings: Settings, topic: str, record_type) -> dict[str, list]:
     from kafka import KafkaConsumer, TopicPartition
     name = settings.topic(topic)
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False)
+                             enable_auto_commit=False, **settings.kafka_client_options())
     parts = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
     consumer.assign(parts)
     consumer.seek_to_beginning()

@@ -123,7 +123,7 @@ def _read_vectors(settings: Settings) -> list[InterestVector]:
     from kafka import KafkaConsumer, TopicPartition
     name = settings.topic(USER_INTERESTS)
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False)
+                             enable_auto_commit=False, **settings.kafka_client_options())
     try:
         tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name))]
         consumer.assign(tps)

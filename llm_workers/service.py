@@ -155,9 +155,11 @@ class LLMWorker:
         try:
             record = decode(ClosedPartition, rec.value, key=rec.key,
                             max_bytes=self.s.max_payload_bytes)
-        except InvalidRecord as exc:
+        except Exception as exc:  # a decoder bug must not stop the worker on every restart
+            reason, detail = ((exc.reason, exc.detail) if isinstance(exc, InvalidRecord)
+                              else ("decode_error", repr(exc)[:500]))
             metrics.ERRORS.labels(kind="invalid_record").inc()
-            self.dead_letter(tp, rec.offset, rec.key, rec.value, exc.reason, exc.detail)
+            self.dead_letter(tp, rec.offset, rec.key, rec.value, reason, detail)
             self.offsets.done(tp, rec.offset)
             self._dirty = True
             return

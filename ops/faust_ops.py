@@ -33,9 +33,16 @@ class OpsSensor(faust.Sensor):
 
     def on_rebalance_end(self, app, state) -> None:
         try:
-            assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in app.assignor.assigned_actives())
+            actives = list(app.assignor.assigned_actives())
         except Exception:  # noqa: BLE001 - a log line must not break a rebalance
-            assigned = []
+            actives = []
+        assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in actives)
+        per_topic: dict[str, int] = {}
+        for tp in actives:
+            per_topic[tp.topic] = per_topic.get(tp.topic, 0) + 1
+        metrics.ASSIGNED_PARTITIONS.clear()
+        for topic, count in per_topic.items():
+            metrics.ASSIGNED_PARTITIONS.labels(topic=topic).set(count)
         seconds = time.monotonic() - state["started"] if state else None
         logs.event(log, "rebalance", phase="end", assigned=assigned,
                    seconds=round(seconds, 3) if seconds is not None else None)

@@ -22,6 +22,9 @@ OPEN_CACHES = Gauge("liber_open_caches", "Users with a non-empty open cache on t
 # --- every long-running process ------------------------------------------------------------
 REBALANCES = Counter("liber_rebalances_total",
                      "Consumer group rebalances (partition assignments) this process went through")
+ASSIGNED_PARTITIONS = Gauge("liber_assigned_partitions",
+                            "Topic partitions this stream worker owns since its last rebalance",
+                            ["topic"])
 RECOVERY_IN_PROGRESS = Gauge("liber_recovery_in_progress",
                              "1 while the process restores its state from a changelog")
 RECOVERY_REMAINING = Gauge("liber_recovery_remaining_records",

@@ -221,14 +221,18 @@ def create_app(settings: Settings) -> faust.App:
 
     drift = drift_rule.DriftRule.from_settings(settings, vectors, text_of=known_text)
 
-    def publish(closed: partitioner.Closed) -> None:
+    def encode_partition(closed: partitioner.Closed) -> bytes:
         events = [PartitionEvent(event_id, item_id, action, ts, value, text_of(item_id))
                   for event_id, item_id, action, ts, value in closed.events]
-        record = ClosedPartition(closed.user_id, closed.seq, tuple(events), closed.start_ts,
-                                 closed.end_ts, closed.reason)
-        sent[BEHAVIORS].append(closed_topic.send_soon(key=closed.user_id.encode(),
-                                                      value=record.encode()))
+        return ClosedPartition(closed.user_id, closed.seq, tuple(events), closed.start_ts,
+                               closed.end_ts, closed.reason).encode()
+
+    def send_partition(closed: partitioner.Closed, value: bytes) -> None:
+        sent[BEHAVIORS].append(closed_topic.send_soon(key=closed.user_id.encode(), value=value))
         metrics.PARTITIONS_CLOSED.labels(rule=closed.reason).inc()
+
+    def publish(closed: partitioner.Closed) -> None:
+        send_partition(closed, encode_partition(closed))
 
     @app.agent(items)
     async def load_items(stream):
@@ -289,6 +293,9 @@ def create_app(settings: Settings) -> faust.App:
         state = entry[0] if entry else (user_state.get(key) or partitioner.new_state())
         if offset <= state.get("offset", -1):
             return REPLAYED  # redelivered after a crash; the recovered state already has it
+        # add_event works in place: keep a shallow copy so that a partition that cannot be
+        # encoded leaves the user's cache as it was (only this event is dead-lettered).
+        before = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
         outcome, closed = partitioner.add_event(state, record.user_id, record.event_id,
                                                 record.item_id, record.action, record.ts,
                                                 record.value, rules, drift)
@@ -296,10 +303,16 @@ def create_app(settings: Settings) -> faust.App:
             raise InvalidRecord("late", f"ts={record.ts} older than the user's newest event "
                                         f"minus max_lateness_s={rules.max_lateness_s}")
         if outcome == partitioner.ACCEPTED:
+            try:
+                values = [encode_partition(part) for part in closed]
+            except Exception:
+                state.clear()
+                state.update(before)
+                raise
             state["offset"] = offset
             touched[key] = (state, event)
-            for part in closed:
-                publish(part)
+            for part, value in zip(closed, values):
+                send_partition(part, value)
         return outcome
 
     async def make_durable(pending: list) -> None:

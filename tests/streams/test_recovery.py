@@ -9,7 +9,7 @@ import pytest
 from streams import movielens, partitioner
 from streams.records import ClosedPartition, decode
 from streams.replay import rating_event, replay, select
-from streams.topics import PARTITIONS_CLOSED, create_topics
+from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics
 from tests.kafka_io import read_topic
 
 pytestmark = pytest.mark.kafka
@@ -81,6 +81,11 @@ def test_two_workers_one_killed_the_other_takes_over(crash_settings, start_worke
     settings = crash_settings
     a = start_worker(settings.replace(state_dir=str(tmp_path / "a")))
     b = start_worker(settings.replace(state_dir=str(tmp_path / "b")))
+    # Replay only once the group is settled with both members: otherwise `a` may finish every
+    # event before `b` is given a partition, and there is nothing to take over.
+    behaviors = settings.topic(BEHAVIORS)
+    for worker in (a, b):
+        worker.wait_metric("liber_assigned_partitions", 1, timeout=180, topic=behaviors)
     produced = replay(settings, "ml-100k", users=USERS, items=False, progress=False,
                       log=lambda m: None)
     expected = reference(settings)
