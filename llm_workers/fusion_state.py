@@ -21,17 +21,12 @@ produced and long before its input offsets are committed.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import WriteBatch
 
-SEP = b"\x00"
-
-
-def _key(kind: bytes, *parts: str) -> bytes:
-    return SEP.join([kind, *(p.encode("utf-8") for p in parts)])
+from llm_workers.state import SEP, RocksStore, _key
 
 
 def new_user() -> dict:
@@ -39,26 +34,8 @@ def new_user() -> dict:
             "cluster": None, "version": None}
 
 
-class FusionStore:
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        self.path = path
-        self._db = Rdict(str(path), options)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def _json(self, key: bytes):
-        raw = self._db.get(key)
-        return None if raw is None else json.loads(raw)
-
+class FusionStore(RocksStore):
     # --- reads ------------------------------------------------------------------------------
-    def user(self, user_id: str) -> dict | None:
-        return self._json(_key(b"u", user_id))
-
     def vector_bytes(self, user_id: str) -> bytes | None:
         return self._db.get(_key(b"v", user_id))
 

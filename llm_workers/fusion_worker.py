@@ -35,7 +35,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
@@ -46,6 +46,7 @@ from llm_workers import collective
 from llm_workers import fusion_metrics as metrics
 from llm_workers.fusion_state import Changes, FusionStore, new_user
 from llm_workers.prompts import Activity
+from llm_workers.service import RebalanceForwarder
 from ops import metrics as ops_metrics
 from streams import dead_letter
 from streams.records import (ClosedPartition, CollectiveSummary, InterestVector, InvalidRecord,
@@ -61,17 +62,6 @@ def float32_values(vector: np.ndarray) -> tuple[float, ...]:
     """Each value as the shortest decimal that reads back as the same float32: compact JSON
     that a reader casting to float32 gets bit-exact."""
     return tuple(float(str(v)) for v in np.asarray(vector, dtype=np.float32))
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: "FusionWorker"):
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked):
-        self.worker.on_revoked(set(revoked))
-
-    def on_partitions_assigned(self, assigned):
-        self.worker.on_assigned(set(assigned))
 
 
 class FusionWorker:
@@ -92,7 +82,7 @@ class FusionWorker:
             enable_auto_commit=False, auto_offset_reset="earliest",
             partition_assignment_strategy=[RangePartitionAssignor],
             max_poll_records=settings.fusion_batch_size, **kafka)
-        self.consumer.subscribe(list(self.topics), listener=_Rebalance(self))
+        self.consumer.subscribe(list(self.topics), listener=RebalanceForwarder(self))
         self._n_partitions = len(self.consumer.partitions_for_topic(
             settings.topic(PARTITIONS_CLOSED)) or ()) or settings.topic_partitions
         # Every worker needs every cluster's collective summary: read the compacted topic whole.

@@ -47,8 +47,10 @@ MAX_BACKOFF_S = 60.0
 STOP_GRACE_S = 10.0
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: "LLMWorker"):
+class RebalanceForwarder(ConsumerRebalanceListener):
+    """Hands kafka-python's rebalance callbacks to a worker's on_revoked / on_assigned."""
+
+    def __init__(self, worker):
         self.worker = worker
 
     def on_partitions_revoked(self, revoked):
@@ -89,7 +91,7 @@ class LLMWorker:
             max_poll_records=min(500, settings.llm_max_queue), **kafka)
         self._closed_partitions = len(self.consumer.partitions_for_topic(self.topic_in) or ()) or \
             settings.topic_partitions
-        self.consumer.subscribe([self.topic_in], listener=_Rebalance(self))
+        self.consumer.subscribe([self.topic_in], listener=RebalanceForwarder(self))
 
     # --- main loop -------------------------------------------------------------------------------
     def run(self) -> None:

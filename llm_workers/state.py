@@ -34,7 +34,10 @@ def _seq(seq: int) -> bytes:
     return b"%012d" % seq
 
 
-class Store:
+class RocksStore:
+    """A rocksdict database in raw mode with JSON values under `u <user>` (shared by the LLM
+    and fusion workers' stores)."""
+
     def __init__(self, path: str | Path):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -50,9 +53,12 @@ class Store:
         raw = self._db.get(key)
         return None if raw is None else json.loads(raw)
 
-    # --- per user ---------------------------------------------------------------------------
     def user(self, user_id: str) -> dict | None:
         return self._json(_key(b"u", user_id))
+
+
+class Store(RocksStore):
+    # --- per user ---------------------------------------------------------------------------
 
     def summary_bytes(self, user_id: str, seq: int) -> bytes | None:
         return self._db.get(_key(b"s", user_id, _seq(seq)))
