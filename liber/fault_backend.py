@@ -17,18 +17,15 @@ import os
 import threading
 
 from llm_workers import backends
-from llm_workers.backends import Backend, LLMError, LLMTimeout
+from llm_workers.backends import Backend, LLMError, LLMTimeout, WrappingBackend
 
 
-class FaultyBackend(Backend):
+class FaultyBackend(WrappingBackend):
     def __init__(self, inner: Backend, *, error_every: int = 0, timeout_every: int = 0,
                  timeout_s: float = 2.0, delay_s: float = 0.0):
-        self.inner = inner
-        self.name = f"faulty+{inner.name}"
-        self.model = inner.model
+        super().__init__(inner, "faulty")
         self.error_every, self.timeout_every = error_every, timeout_every
         self.timeout_s, self.delay_s = timeout_s, delay_s
-        self.calls = 0
         self._closed = threading.Event()
 
     def generate(self, prompts, max_new_tokens, *, timeout_s=None):
@@ -44,15 +41,9 @@ class FaultyBackend(Backend):
             raise LLMError(f"injected error: call {call}")
         return self.inner.generate(prompts, max_new_tokens, timeout_s=timeout_s)
 
-    def count_tokens(self, prompt):
-        return self.inner.count_tokens(prompt)
-
-    def count_tokens_many(self, prompts):
-        return self.inner.count_tokens_many(prompts)
-
     def close(self):
-        self._closed.set()
-        self.inner.close()
+        self._closed.set()  # wake a held call first
+        super().close()
 
 
 def _env_number(name: str, kind, default):

@@ -332,29 +332,15 @@ def _transformers(settings) -> Backend:
 
 
 # --- failure injection (tests, drills) -----------------------------------------------------------
-class FailureInjector(Backend):
-    """Wraps a real backend and makes chosen calls fail, to exercise retries and dead letters.
+class WrappingBackend(Backend):
+    """A backend around a real one: token counting and closing go to the inner backend;
+    subclasses change `generate` (fault injection for tests and `liber chaos`)."""
 
-    - the first `fail_first` calls of the process raise LLMError (transient failures);
-    - a call whose batch holds a prompt containing `fail_marker` raises LLMError (a poison
-      partition: it fails on every try, alone or in a batch).
-    """
-
-    def __init__(self, inner: Backend, *, fail_marker: str = "", fail_first: int = 0):
+    def __init__(self, inner: Backend, prefix: str):
         self.inner = inner
-        self.name = f"failing+{inner.name}"
+        self.name = f"{prefix}+{inner.name}"
         self.model = inner.model
-        self.fail_marker = fail_marker
-        self.fail_first = fail_first
         self.calls = 0
-
-    def generate(self, prompts, max_new_tokens, *, timeout_s=None):
-        self.calls += 1
-        if self.calls <= self.fail_first:
-            raise LLMError(f"injected failure: call {self.calls} of the first {self.fail_first}")
-        if self.fail_marker and any(self.fail_marker in as_chat(p).user for p in prompts):
-            raise LLMError(f"injected failure: prompt contains {self.fail_marker!r}")
-        return self.inner.generate(prompts, max_new_tokens, timeout_s=timeout_s)
 
     def count_tokens(self, prompt):
         return self.inner.count_tokens(prompt)
@@ -364,6 +350,28 @@ class FailureInjector(Backend):
 
     def close(self):
         self.inner.close()
+
+
+class FailureInjector(WrappingBackend):
+    """Wraps a real backend and makes chosen calls fail, to exercise retries and dead letters.
+
+    - the first `fail_first` calls of the process raise LLMError (transient failures);
+    - a call whose batch holds a prompt containing `fail_marker` raises LLMError (a poison
+      partition: it fails on every try, alone or in a batch).
+    """
+
+    def __init__(self, inner: Backend, *, fail_marker: str = "", fail_first: int = 0):
+        super().__init__(inner, "failing")
+        self.fail_marker = fail_marker
+        self.fail_first = fail_first
+
+    def generate(self, prompts, max_new_tokens, *, timeout_s=None):
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise LLMError(f"injected failure: call {self.calls} of the first {self.fail_first}")
+        if self.fail_marker and any(self.fail_marker in as_chat(p).user for p in prompts):
+            raise LLMError(f"injected failure: prompt contains {self.fail_marker!r}")
+        return self.inner.generate(prompts, max_new_tokens, timeout_s=timeout_s)
 
 
 @register("failing")
