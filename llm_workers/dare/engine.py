@@ -37,6 +37,19 @@ def check_settings(settings) -> None:
         raise SettingsError(f"LIBER_DARE_MIN_PROB={settings.dare_min_prob!r}: must be in [0, 1)")
 
 
+def pool_dir(settings) -> Path:
+    """Where the pools live: LIBER_DARE_POOL_DIR, else STATE/dare-pools."""
+    return Path(settings.dare_pool_dir or settings.state_path / "dare-pools")
+
+
+def open_pools(settings, path: str | Path | None = None) -> PoolStore:
+    """The configured pool store in RocksDB (created on first use)."""
+    path = Path(path or pool_dir(settings))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return PoolStore(str(path), PoolConfig(max_ngram=settings.dare_max_ngram,
+                                           max_tokens=settings.dare_pool_max_tokens))
+
+
 class DareEngine:
     def __init__(self, model, store: PoolStore, router: PoolRouter | None, mode: str = "relaxed",
                  draft_len: int = 15, top_k: int = 2, min_prob: float = 0.1,
@@ -50,10 +63,7 @@ class DareEngine:
     @classmethod
     def open(cls, settings, model, path: str | Path | None = None) -> "DareEngine":
         check_settings(settings)
-        path = Path(path or settings.dare_pool_dir or settings.state_path / "dare-pools")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = PoolStore(str(path), PoolConfig(max_ngram=settings.dare_max_ngram,
-                                                max_tokens=settings.dare_pool_max_tokens))
+        store = open_pools(settings, path)
         meta = store.get_meta(ROUTER_META)
         router = PoolRouter.from_meta(meta) if meta else None
         if router is not None:
