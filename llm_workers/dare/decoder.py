@@ -82,95 +82,120 @@ class DareDecoder:
         self.stats = stats or DareStats()
         self.prefix_tokens = prefix_tokens  # prompt tokens stored ahead of each generation
         self.device = next(model.parameters()).device
+        self._pad = min(self.eos) if self.eos else 0  # any id: padding is masked
 
     # --- the loop -----------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, prompt: Sequence[int], pools: Sequence[str] = (), max_new_tokens: int = 128,
                  feed: bool = False, logits_processor: Callable | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
         """Greedy-family decoding of one prompt; `feed` adds the result to `pools` after.
         `should_stop` is asked before every step; when it says yes the generation ends there,
         unfinished (a time limit, a closing backend)."""
-        t0, c0 = time.perf_counter(), time.process_time()
-        model, mode = self.model, self.mode
-        prompt = [int(t) for t in prompt]
-        drafting = mode != "plain" and self.draft_len > 0
-        cache = _new_cache(model)
-        ids = torch.tensor([prompt], device=self.device)
-        seq = None      # prompt + generated (+ the draft under verification), for the processor
-        if logits_processor is not None:
-            room = len(prompt) + max_new_tokens + (self.draft_len if drafting else 0) + 1
-            seq = torch.empty((1, room), dtype=torch.long, device=self.device)
-            seq[0, :len(prompt)] = ids[0]
-        out = _prefill(model, ids, cache)
-        scores = out.logits[:, -1]
-        if logits_processor is not None:
-            scores = logits_processor(seq[:, :len(prompt)], scores.to(torch.float32, copy=True))
-        last = int(scores[0].argmax())
-        gen = Generation([last], [False], pools=list(pools))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        gen.prefill_s = time.perf_counter() - t0
+        return self.generate_batch([prompt], [pools], max_new_tokens, feed,
+                                   [logits_processor], should_stop)[0]
 
-        context = prompt + [last]
-        if seq is not None:
-            seq[0, len(prompt)] = last
-        extra = None
-        if drafting and self.context_pool:
-            config = self._drafter.config
-            own = SuffixIndex(max_ngram=config.max_ngram, min_ngram=config.min_ngram,
-                              max_tokens=1 << 30)
-            own_id, _ = own.add(context, growing=True)
-            extra = {CONTEXT_POOL: own}
-        while len(gen.tokens) < max_new_tokens and last not in self.eos:
-            if should_stop is not None and should_stop():
-                gen.stopped = True
-                break
-            budget = max_new_tokens - len(gen.tokens)      # the step adds accepted + 1 tokens
-            draft, pool = [], ""
-            if drafting and budget > 1:
-                d = self._drafter.draft(context, pools, min(self.draft_len, budget - 1), extra)
-                draft, pool = d.tokens, d.pool
-            step_ids = torch.tensor([[last] + draft], device=self.device)
-            logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[0]
-            if logits_processor is None:
-                n_acc, chosen = self._verify(logits, draft)
-            else:
-                n = len(context)
-                if draft:
-                    seq[0, n:n + len(draft)] = step_ids[0, 1:]
-                n_acc, chosen = self._verify_processed(logits, draft, seq, n, logits_processor)
-            if len(draft) > n_acc:                          # drop the rejected tokens' entries
-                cache.crop(-(len(draft) - n_acc))
-            new = draft[:n_acc] + [chosen]
-            flags = [True] * n_acc + [False]
-            for i, tok in enumerate(new):                   # stop at an end token
-                if tok in self.eos:
-                    new, flags = new[:i + 1], flags[:i + 1]
-                    break
-            gen.steps += 1
-            if draft:
-                gen.drafts += 1
-                gen.draft_tokens += len(draft)
-                gen.accepted_tokens += min(n_acc, len(new))
-                self.stats.draft(pool, mode, len(draft), min(n_acc, len(new)))
-            self.stats.step(mode, len(new))
-            if seq is not None:
-                seq[0, len(context):len(context) + len(new)] = torch.tensor(new)
-            gen.tokens.extend(new)
-            gen.drafted.extend(flags)
-            context.extend(new)
-            if extra is not None:
-                own.extend(own_id, new)
-            last = new[-1]
-        del gen.tokens[max_new_tokens:], gen.drafted[max_new_tokens:]
-        if self.device.type == "cuda":
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[Sequence[int]],
+                       pools: Sequence[Sequence[str]] | None = None, max_new_tokens: int = 128,
+                       feed: bool = False, logits_processors: Sequence[Callable | None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> list[Generation]:
+        """Several prompts stepped together (one forward pass per step for all rows).
+
+        Prompts are left-padded. Each step every unfinished row feeds its last token and its
+        own draft, right-padded to the longest draft of the step; per-row position ids count
+        only the row's real tokens. After verification the cache keeps, for all rows, as many
+        new columns as the row that accepted most needs; a row's rejected and padding columns
+        stay behind as masked holes (attention mask 0). Finished rows leave the batch (the
+        cache drops their rows). With one prompt there are no holes and no masks: the cache
+        is cropped exactly, as in the one-request loop this replaces."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        model, mode, dev = self.model, self.mode, self.device
+        b = len(prompts)
+        if b == 0:
+            return []
+        pools = [list(p) for p in pools] if pools is not None else [[] for _ in range(b)]
+        procs = list(logits_processors) if logits_processors is not None else [None] * b
+        if len(pools) != b or len(procs) != b:
+            raise ValueError("need one pool list and one logits processor (or None) per prompt")
+        drafting = mode != "plain" and self.draft_len > 0
+        rows = [_Row(self, [int(t) for t in p], names, proc, max_new_tokens, drafting)
+                for p, names, proc in zip(prompts, pools, procs)]
+        width = max(len(r.prompt) for r in rows)
+        batched = b > 1
+        cache = _new_cache(model)
+        ids = torch.full((b, width), self._pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((b, width), dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt):] = 1
+        if batched:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = _prefill(model, ids, cache, mask, positions)
+        else:
+            out = _prefill(model, ids, cache)
+        for i, r in enumerate(rows):
+            r.start(out.logits[i, -1:])
+        if dev.type == "cuda":
             torch.cuda.synchronize()
-        gen.total_s = time.perf_counter() - t0
-        gen.cpu_s = time.process_time() - c0
-        if feed and not gen.stopped:
-            self.feed(prompt, gen.tokens, pools)
-        return gen
+        prefill_s = time.perf_counter() - t0
+        for r in rows:
+            r.gen.prefill_s = prefill_s
+
+        live = [r for r in rows if not r.done]
+        if live and len(live) < b and batched:
+            index = torch.tensor([i for i, r in enumerate(rows) if not r.done], device=dev)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        while live:
+            if should_stop is not None and should_stop():
+                for r in live:
+                    r.gen.stopped = True
+                break
+            drafts = [r.propose() for r in live]
+            span = 1 + max(len(d) for d, _ in drafts)
+            step = torch.full((len(live), span), self._pad, dtype=torch.long, device=dev)
+            for i, (r, (d, _)) in enumerate(zip(live, drafts)):
+                step[i, :1 + len(d)] = torch.tensor([r.last] + d)
+            if batched:
+                new_cols = torch.zeros((len(live), span), dtype=torch.long, device=dev)
+                for i, (d, _) in enumerate(drafts):
+                    new_cols[i, :1 + len(d)] = 1
+                mask = torch.cat([mask, new_cols], dim=1)
+                positions = torch.tensor([[r.valid + j for j in range(span)] for r in live],
+                                         device=dev)
+                logits = model(input_ids=step, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).logits
+            else:
+                logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+            keep = 1
+            for i, (r, (d, pool)) in enumerate(zip(live, drafts)):
+                n_acc = r.accept(logits[i, :1 + len(d)], d, pool)
+                if batched:
+                    mask[i, mask.shape[1] - span + 1 + n_acc:] = 0   # rejected and padding
+                keep = max(keep, 1 + n_acc)
+            if span > keep:                                  # columns no row needs any more
+                cache.crop(-(span - keep))
+                if batched:
+                    mask = mask[:, :mask.shape[1] - (span - keep)]
+            still = [i for i, r in enumerate(live) if not r.done]
+            if len(still) < len(live):
+                if still and batched:
+                    index = torch.tensor(still, device=dev)
+                    cache.batch_select_indices(index)
+                    mask = mask[index]
+                live = [live[i] for i in still]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        total_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        gens = []
+        for r in rows:
+            gen = r.gen
+            del gen.tokens[max_new_tokens:], gen.drafted[max_new_tokens:]
+            gen.total_s, gen.cpu_s = total_s, cpu_s
+            if feed and not gen.stopped:
+                self.feed(r.prompt, gen.tokens, r.pools)
+            gens.append(gen)
+        return gens
 
     def _verify(self, logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
         """(accepted draft tokens, the model's token at the first rejection or after the draft)."""
@@ -224,6 +249,91 @@ class DareDecoder:
             self.stats.pool_size(name, self.pools.pool(name).tokens)
 
 
+class _Row:
+    """One request inside `generate_batch`: its context, drafting and acceptance."""
+
+    def __init__(self, decoder: DareDecoder, prompt: list[int], pools: list[str],
+                 processor: Callable | None, max_new_tokens: int, drafting: bool):
+        self.d = decoder
+        self.prompt, self.pools, self.processor = prompt, pools, processor
+        self.max_new = max_new_tokens
+        self.drafting = drafting
+        self.valid = len(prompt)           # the row's real tokens in the cache
+        self.seq = None                    # prompt + generated (+ draft), for the processor
+        if processor is not None:
+            room = len(prompt) + max_new_tokens + (decoder.draft_len if drafting else 0) + 1
+            self.seq = torch.empty((1, room), dtype=torch.long, device=decoder.device)
+            self.seq[0, :len(prompt)] = torch.tensor(prompt)
+        self.gen: Generation | None = None
+        self.own = self.own_id = self.extra = None
+
+    def start(self, logits: torch.Tensor) -> None:
+        """The prefill's last-position logits give the first token."""
+        scores = logits
+        if self.processor is not None:
+            scores = self.processor(self.seq[:, :len(self.prompt)],
+                                    logits.to(torch.float32, copy=True))
+        self.last = int(scores[0].argmax())
+        self.gen = Generation([self.last], [False], pools=list(self.pools))
+        self.context = self.prompt + [self.last]
+        if self.seq is not None:
+            self.seq[0, len(self.prompt)] = self.last
+        if self.drafting and self.d.context_pool:
+            config = self.d._drafter.config
+            self.own = SuffixIndex(max_ngram=config.max_ngram, min_ngram=config.min_ngram,
+                                   max_tokens=1 << 30)
+            self.own_id, _ = self.own.add(self.context, growing=True)
+            self.extra = {CONTEXT_POOL: self.own}
+
+    @property
+    def done(self) -> bool:
+        return len(self.gen.tokens) >= self.max_new or self.last in self.d.eos
+
+    def propose(self) -> tuple[list[int], str]:
+        budget = self.max_new - len(self.gen.tokens)       # the step adds accepted + 1 tokens
+        if not self.drafting or budget <= 1:
+            return [], ""
+        d = self.d._drafter.draft(self.context, self.pools, min(self.d.draft_len, budget - 1),
+                                  self.extra)
+        return d.tokens, d.pool
+
+    def accept(self, logits: torch.Tensor, draft: list[int], pool: str) -> int:
+        """Verify `draft` on its logits ([1 + len(draft), V]); returns the accepted count."""
+        dec, gen = self.d, self.gen
+        if self.processor is None:
+            n_acc, chosen = dec._verify(logits, draft)
+        else:
+            n = len(self.context)
+            if draft:
+                self.seq[0, n:n + len(draft)] = torch.tensor(draft)
+            n_acc, chosen = dec._verify_processed(logits, draft, self.seq, n, self.processor)
+        self.valid += 1 + n_acc                 # `last` and the accepted draft are cached now
+        new = draft[:n_acc] + [chosen]
+        flags = [True] * n_acc + [False]
+        for i, tok in enumerate(new):           # stop at an end token
+            if tok in dec.eos:
+                new, flags = new[:i + 1], flags[:i + 1]
+                break
+        gen.steps += 1
+        if draft:
+            gen.drafts += 1
+            gen.draft_tokens += len(draft)
+            gen.accepted_tokens += min(n_acc, len(new))
+            dec.stats.draft(pool, dec.mode, len(draft), min(n_acc, len(new)))
+        dec.stats.step(dec.mode, len(new))
+        if self.seq is not None:
+            n = len(self.context)
+            room = self.seq.shape[1] - n
+            self.seq[0, n:n + min(room, len(new))] = torch.tensor(new[:room])
+        gen.tokens.extend(new)
+        gen.drafted.extend(flags)
+        self.context.extend(new)
+        if self.own is not None:
+            self.own.extend(self.own_id, new)
+        self.last = new[-1]
+        return n_acc
+
+
 def _new_cache(model):
     from transformers import DynamicCache
     try:
@@ -232,12 +342,14 @@ def _new_cache(model):
         return DynamicCache()
 
 
-def _prefill(model, ids, cache):
-    """The prompt's forward pass, computing the logits of its last position only."""
+def _prefill(model, ids, cache, mask=None, positions=None):
+    """The prompts' forward pass, computing the logits of the last position only."""
+    kwargs = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
     try:
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                     **kwargs)
     except TypeError:                   # older transformers: all positions' logits
-        return model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
 
 
 def _eos_ids(model) -> set[int]:

@@ -185,3 +185,26 @@ def test_engine_reopens_its_pools_warm(lm, tmp_path):
     assert second.tokens == first.tokens
     assert second.accepted_tokens >= len(second.tokens) - 4   # drafted from the reloaded pool
     again.close()
+
+
+def test_batch_rows_are_each_their_greedy_output(lm):
+    """Rows of different lengths stepped together (left padding, per-row drafts and holes in
+    the cache, a row that ends early and leaves the batch): strict and plain give each row's
+    one-request greedy tokens."""
+    model, tokenizer, prompts = lm
+    question = [{"role": "user", "content": "What is the capital of France? One word."}]
+    short = tokenizer(tokenizer.apply_chat_template(question, add_generation_prompt=True,
+                                                    tokenize=False),
+                      add_special_tokens=False)["input_ids"]
+    batch = [prompts[1], short, prompts[2], prompts[3]]
+    plain = DareDecoder(model, None, "plain")
+    ref = [plain.generate(p, max_new_tokens=24).tokens for p in batch]
+    assert len(ref[1]) < 24 and ref[1][-1] in plain.eos          # the short row ends early
+    assert [g.tokens for g in plain.generate_batch(batch, max_new_tokens=24)] == ref
+    store = PoolStore()
+    store.add(["p"], prompts[0][-8:] + ref[0] + ref[2])
+    strict = DareDecoder(model, store, "strict", draft_len=8)
+    gens = strict.generate_batch(batch, [["p"]] * 4, 24, feed=True)
+    assert [g.tokens for g in gens] == ref
+    assert gens[0].accepted_tokens > 0 and gens[2].accepted_tokens > 0
+    assert len(store.pool("p")) == 5                             # each row fed once
