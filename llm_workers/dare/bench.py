@@ -12,6 +12,16 @@ Steps, all in one process on one device:
     previous summary. Methods run round-robin per prompt (plain, strict, relaxed, then the
     global-pool ablation), each on its own copy of the warm pools fed online as it goes.
 
+ 4. Batch (`--batch N`, default 4; 0 skips): the same measured prompts again, N at a time
+    stepped together (`DareDecoder.generate_batch`), plain, strict and relaxed round-robin per
+    batch, each on a fresh copy of the warm pools; reported under `batch` with its speedups
+    against batched plain, `plain_batch_speedup` (batched plain against one-at-a-time plain)
+    and whether each row's tokens equal the one-at-a-time plain output.
+
+`--repetition-penalty P` applies the LLM worker's repetition penalty (HF's processor) to every
+method, as the worker's transformers backend does (`LIBER_LLM_REPETITION_PENALTY`, 1.15); the
+default 1.0 keeps plain greedy decoding.
+
 Timing: wall clock per request, prefill included (`tok_s`), plus decode-only and CPU-time
 figures; on CPU one torch thread by default (THREADS_NOTE). `strict_identical` compares strict
 with plain token by token; `same_tokens_share` gives the position-wise agreement per method.
@@ -59,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draft from the retrieval pools only, not from the request's own text")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers' generate() (greedy) on the measured prompts")
+    p.add_argument("--batch", type=int, default=4,
+                   help="also run plain, strict and relaxed with this many requests stepped "
+                        "together (0: skip)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="repetition penalty for every method (the worker's backend uses 1.15)")
     p.add_argument("--partition-events", type=int, default=10, help="UBSP max_events for the bench")
     p.add_argument("--sample-users", type=int, default=600, help="users sampled from ML-1M")
     p.add_argument("--seed", type=int, default=7)
@@ -250,20 +265,27 @@ def run(args, settings) -> dict:
         decoders[name] = (DareDecoder(model, pools, mode, draft_len=draft_len,
                                       **{**common, "stats": DareStats()}), which)
 
+    processor = _penalty(args.repetition_penalty)
     results = {name: [] for name in methods}
     for i, (prompt, pools) in enumerate(requests):
         for name in methods:
             decoder, which = decoders[name]
             names = pools if which == "routed" else [GLOBAL_POOL] if which == "global" else []
-            gen = decoder.generate(prompt, names, args.max_new_tokens)
+            gen = decoder.generate(prompt, names, args.max_new_tokens, logits_processor=processor)
             decoder.feed(prompt, gen.tokens, names)
             results[name].append(gen)
         _log(args, f"prompt {i + 1}/{len(requests)} ({len(prompt)} tokens): " + ", ".join(
             f"{n} {len(results[n][-1].tokens) / results[n][-1].total_s:.1f} tok/s" for n in methods))
 
+    batch = None
+    if args.batch > 0:
+        batch = _batch_rows(args, model, store, requests, draft_len, common, results["plain"],
+                            processor)
+
     hf = None
     if args.hf_baseline:
-        hf = _hf_generate(model, requests, args.max_new_tokens, warmup.eos, results["plain"])
+        hf = _hf_generate(model, requests, args.max_new_tokens, warmup.eos, results["plain"],
+                          args.repetition_penalty)
 
     per_pool = {name: decoders[name][0].stats.snapshot().get(METHODS[name][0], {}) for name in methods}
     report = _report(args, results, methods, per_pool, requests, device, model, torch)
@@ -284,6 +306,9 @@ def run(args, settings) -> dict:
                            **({"relaxed": tokenizer.decode(results["relaxed"][0].tokens,
                                                            skip_special_tokens=True)}
                               if "relaxed" in results else {})})
+    report["repetition_penalty"] = args.repetition_penalty
+    if batch is not None:
+        report["batch"] = batch
     if hf is not None:
         report["hf_generate"] = hf
     store.close()
@@ -376,7 +401,65 @@ def _vllm_rows(args, settings, store, requests, eos, vocab, results, draft_len, 
     return out
 
 
-def _hf_generate(model, requests, max_new_tokens, eos, plain):
+def _penalty(value: float):
+    """The worker's repetition penalty as a logits processor (None at 1.0: plain greedy)."""
+    if value == 1.0:
+        return None
+    from transformers import RepetitionPenaltyLogitsProcessor
+    return RepetitionPenaltyLogitsProcessor(value)
+
+
+def _batch_rows(args, model, store, requests, draft_len, common, plain_single, processor) -> dict:
+    """Plain, strict and relaxed with `args.batch` requests stepped together, round-robin per
+    batch, each on its own copy of the warm pools fed after every batch (see the module doc)."""
+    import torch
+    from llm_workers.dare.decoder import DareDecoder
+    from llm_workers.dare.metrics import DareStats
+    size = args.batch
+    names = ("plain", "strict", "relaxed")
+    decoders = {n: DareDecoder(model, store.clone() if n != "plain" else None, n,
+                               draft_len=draft_len, **{**common, "stats": DareStats()})
+                for n in names}
+    gens = {n: [] for n in names}
+    wall = dict.fromkeys(names, 0.0)
+    cpu = dict.fromkeys(names, 0.0)
+    for i in range(0, len(requests), size):
+        chunk = requests[i:i + size]
+        for n in names:
+            t, c = time.perf_counter(), time.process_time()
+            got = decoders[n].generate_batch([p for p, _ in chunk], [pools for _, pools in chunk],
+                                             args.max_new_tokens, feed=n != "plain",
+                                             logits_processors=[processor] * len(chunk))
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            wall[n] += time.perf_counter() - t
+            cpu[n] += time.process_time() - c
+            gens[n].extend(got)
+        _log(args, f"batch {i // size + 1}: " + ", ".join(
+            f"{n} {sum(len(g.tokens) for g in gens[n][-len(chunk):])} tokens" for n in names))
+    single = [g.tokens for g in plain_single]
+    out: dict = {"size": size, "batches": -(-len(requests) // size)}
+    for n in names:
+        tokens = sum(len(g.tokens) for g in gens[n])
+        drafts = sum(g.drafts for g in gens[n])
+        accepted = sum(g.accepted_tokens for g in gens[n])
+        out[n] = {"tokens": tokens, "seconds": round(wall[n], 3),
+                  "tok_s": round(tokens / wall[n], 2),
+                  "tok_per_cpu_s": round(tokens / cpu[n], 2) if cpu[n] else 0.0,
+                  "steps": sum(g.steps for g in gens[n]),
+                  "mean_accepted_len": round(accepted / drafts, 3) if drafts else 0.0,
+                  "same_as_single_plain": [g.tokens for g in gens[n]] == single}
+        out[f"{n}_tok_s"] = out[n]["tok_s"]
+    for n in ("strict", "relaxed"):
+        out[f"{n}_speedup"] = round(out[n]["tok_s"] / out["plain"]["tok_s"], 3)
+    single_s = sum(g.total_s for g in plain_single)
+    out["plain_batch_speedup"] = round(
+        out["plain"]["tok_s"] / (sum(map(len, single)) / single_s), 3) if single_s else 0.0
+    out["strict_identical"] = out["strict"]["same_as_single_plain"]
+    return out
+
+
+def _hf_generate(model, requests, max_new_tokens, eos, plain, repetition_penalty=1.0):
     import torch
     total_t, total_n, same = 0.0, 0, True
     with torch.inference_mode():
@@ -385,7 +468,8 @@ def _hf_generate(model, requests, max_new_tokens, eos, plain):
             t = time.perf_counter()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
-                                 pad_token_id=sorted(eos)[0])
+                                 pad_token_id=sorted(eos)[0],
+                                 repetition_penalty=repetition_penalty)
             if ids.device.type == "cuda":
                 torch.cuda.synchronize()
             total_t += time.perf_counter() - t

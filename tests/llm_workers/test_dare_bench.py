@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_bench_dare_prints_the_comparison_json(tmp_path):
     cmd = [sys.executable, "-m", "liber.cli", "bench", "dare", "--json", "--prompts", "2",
            "--warm", "3", "--max-new-tokens", "12", "--sample-users", "80",
-           "--methods", "plain,strict,relaxed,global_strict", "--pool-dir", str(tmp_path)]
+           "--methods", "plain,strict,relaxed,global_strict", "--pool-dir", str(tmp_path),
+           "--batch", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,6 +31,13 @@ def test_bench_dare_prints_the_comparison_json(tmp_path):
     assert strict["drafts"] >= 1 and strict["accepted_tokens"] <= strict["draft_tokens"]
     assert report["pools"]["persisted"]["reloaded_equal"] is True
     assert (tmp_path / "pools" / "CURRENT").exists()
+    batch = report["batch"]                 # the two prompts stepped together
+    assert batch["size"] == 2 and batch["batches"] == 1
+    for key in ("plain_tok_s", "strict_tok_s", "relaxed_tok_s", "strict_speedup",
+                "relaxed_speedup", "plain_batch_speedup"):
+        assert batch[key] > 0, key
+    assert batch["strict_identical"] is True and batch["plain"]["same_as_single_plain"] is True
+    assert batch["strict"]["tokens"] == report["tokens"]["plain"]
 
 
 def test_bench_fallback_defaults_follow_the_settings():
