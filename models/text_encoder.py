@@ -26,6 +26,9 @@ MAX_SEQ_LENGTH = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 _LOCK = threading.Lock()
+# One mini-batch at a time per process: a fast tokenizer must not be used from two threads
+# at once (the stream worker encodes in a thread pool and, on demand, on its event loop).
+_ENCODING = threading.Lock()
 _LOADED: dict[str, tuple[object, object]] = {}  # device -> (tokenizer, model)
 
 
@@ -88,9 +91,11 @@ class TextEncoder:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                  max_length=self.max_length, return_tensors="pt").to(self.device)
-                hidden = model(**batch).last_hidden_state  # [b, t, 384]
+                with _ENCODING:
+                    batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                      max_length=self.max_length,
+                                      return_tensors="pt").to(self.device)
+                    hidden = model(**batch).last_hidden_state  # [b, t, 384]
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)

@@ -10,6 +10,7 @@ import logging
 import time
 
 import faust
+from faust.sensors.monitor import Monitor
 from kafka.partitioner.default import murmur2
 
 from liber import logs
@@ -44,6 +45,30 @@ def _ssl_context(settings: Settings):
     return ssl.create_default_context(cafile=settings.ssl_cafile or None)
 
 
+class QuietMonitor(Monitor):
+    """Faust's Monitor without its per-record bookkeeping (counts and timings kept for Faust's
+    web views, which the worker does not run): a few percent of every event. Our own
+    metrics come from ops.faust_ops.OpsSensor."""
+
+    def on_message_in(self, tp, offset, message) -> None:
+        pass
+
+    def on_stream_event_in(self, tp, offset, stream, event):
+        return None
+
+    def on_stream_event_out(self, tp, offset, stream, event, state=None) -> None:
+        pass
+
+    def on_message_out(self, tp, offset, message) -> None:
+        pass
+
+    def on_table_get(self, table, key) -> None:
+        pass
+
+    def on_table_set(self, table, key, value) -> None:
+        pass
+
+
 class Batch(list):
     """Events to process, plus `copies`: records Faust delivered a second time in this run
     (same partition and offset as one already handed out). Copies are only acked, with the
@@ -65,51 +90,64 @@ async def batches(stream, max_size: int, wait_s: float = 0.05):
     generation come back as `Batch.copies`."""
     stream.enable_acks = False
     stream.app.flow_control._queues.discard(stream.channel.queue)  # never clear our input
-    queue: asyncio.Queue = asyncio.Queue(maxsize=max_size)
+    # The pump fills `pending`; the batch loop wakes once per batch (first event, full, or
+    # stream ended), not once per event: a wake-up per event cost more than Faust's own path.
+    pending: list = []
+    arrived, full, room = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    room.set()
     newest: dict = {}  # topic partition -> highest offset handed out in this run
 
     async def pump() -> None:
         async for event in stream.events():
-            await queue.put(event)
+            while len(pending) >= max_size:  # backpressure: wait until the batch is taken
+                room.clear()
+                await room.wait()
+            pending.append(event)
+            arrived.set()
+            if len(pending) >= max_size:
+                full.set()
 
-    def add(batch: Batch, event) -> None:
-        message = event.message
-        if message.offset <= newest.get(message.tp, -1):
-            batch.copies.append(event)
-        else:
-            newest[message.tp] = message.offset
-            batch.append(event)
+    def take() -> Batch:
+        batch = Batch()
+        batch.copies = []
+        for event in pending:
+            message = event.message
+            if message.offset <= newest.get(message.tp, -1):
+                batch.copies.append(event)
+            else:
+                newest[message.tp] = message.offset
+                batch.append(event)
+        pending.clear()
+        arrived.clear()
+        full.clear()
+        room.set()
+        return batch
 
-    loop = asyncio.get_running_loop()
+    async def first_of(*waits) -> None:
+        """Until one of the events is set or the pump ends (its error re-raised here)."""
+        waiters = [asyncio.ensure_future(w) for w in waits]
+        try:
+            await asyncio.wait({*waiters, pumping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if pumping.done():
+            pumping.result()  # the stream failed: re-raise
+
     pumping = asyncio.ensure_future(pump())
     try:
         while True:
-            getting = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getting, pumping}, return_when=asyncio.FIRST_COMPLETED)
-            if not getting.done():
-                getting.cancel()
-                pumping.result()  # the stream ended or failed: re-raise here
-                return
-            batch = Batch()
-            batch.copies = []
-            add(batch, getting.result())
-            deadline = loop.time() + wait_s
-            while len(batch) + len(batch.copies) < max_size:
-                if not queue.empty():
-                    add(batch, queue.get_nowait())
-                    continue
-                # Wait for the next event until the batch is `wait_s` old. A get that has not
-                # completed is cancelled before it took anything; a completed one is used.
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                getting = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getting, pumping}, timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done():
-                    getting.cancel()
-                    break
-                add(batch, getting.result())
+            if not pending:
+                await first_of(arrived.wait())
+                if not pending:
+                    return  # the stream ended
+            if len(pending) < max_size and not pumping.done():
+                # Let the batch fill until it is `wait_s` old.
+                try:
+                    await asyncio.wait_for(first_of(full.wait()), wait_s)
+                except asyncio.TimeoutError:
+                    pass
+            batch = take()
             if batch.copies:
                 log.info("%d records delivered again by Faust in this run: skipped",
                          len(batch.copies))
@@ -161,6 +199,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
         stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
+        Monitor=QuietMonitor,
         **faust_broker_options(settings),
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -181,7 +220,17 @@ def create_app(settings: Settings) -> faust.App:
         return created
 
     # Item text for prompts, replicated to every worker (a global table fed by the items agent).
-    item_text = table(TrackedGlobalTable, "item-text", ITEMS, key_type=bytes, value_type=bytes)
+    # `is_global` is what makes a table global in Faust (app.GlobalTable passes it; the class
+    # alone does not): reads then search every partition's store and every worker recovers
+    # and follows all changelog partitions. Without it a read looked only in the store of the
+    # current event's partition: titles of items in the other partitions came out as
+    # placeholders, differently before and after a restart (issue 8's kill -9 conflict), and a
+    # second worker never saw the first one's items. Buffers of 1: Faust files the changelog
+    # partitions of a global table as actives, whose records wait in a 1,000-record recovery
+    # buffer, so another worker's updates would otherwise stay invisible after recovery.
+    global_table = dict(is_global=True, recovery_buffer_size=1, standby_buffer_size=1,
+                        key_type=bytes, value_type=bytes)
+    item_text = table(TrackedGlobalTable, "item-text", ITEMS, **global_table)
     # Per-user UBSP state; `use_partitioner` keeps the changelog partition equal to the
     # behaviours partition of the same user key (both use Kafka's murmur2 partitioner).
     user_state = table(TrackedTable, "ubsp-state", BEHAVIORS, use_partitioner=True,
@@ -189,8 +238,7 @@ def create_app(settings: Settings) -> faust.App:
     rules = partitioner.CloseRules.from_settings(settings)
     quiet = QuietUsers(rules)
     # Item embeddings for the drift rule, shared by all workers like the item text.
-    item_vectors = table(TrackedGlobalTable, drift_rule.ITEM_VECTORS_TABLE, ITEMS,
-                         key_type=bytes, value_type=bytes)
+    item_vectors = table(TrackedGlobalTable, drift_rule.ITEM_VECTORS_TABLE, ITEMS, **global_table)
     vectors = drift_rule.ItemVectors(drift_rule.Overlay(item_vectors))
 
     def dead_letter_send(name: str, event, reason: str, detail: str) -> None:
@@ -205,12 +253,17 @@ def create_app(settings: Settings) -> faust.App:
     # Global-table reads probe every RocksDB partition; titles almost never change, so keep
     # the ones found in memory (bounded by the catalogue size).
     text_cache: dict[str, str] = {}
+    missing: set[str] = set()
 
     def text_of(item_id: str) -> str:
         text = text_cache.get(item_id)
         if text is None:
             stored = item_text.get(item_id.encode())
             if stored is None:
+                if item_id not in missing and len(missing) < 1000:  # once per item, bounded
+                    missing.add(item_id)
+                    log.warning("item %s has no text in the item-text table: placeholder "
+                                "used", item_id)
                 return f"item {item_id}"  # not (yet) in the catalogue: do not cache the miss
             text = text_cache[item_id] = stored.decode("utf-8")
         return text
@@ -244,20 +297,23 @@ def create_app(settings: Settings) -> faust.App:
                                                max_bytes=settings.max_payload_bytes)))
                 except InvalidRecord as exc:
                     dead_letter_send(ITEMS, event, exc.reason, exc.detail)
-            if drift is not None:  # one batched encode for the new or changed titles
-                vectors.put_texts({item.item_id: item.text() for _, item in good})
             pending = stream.current_event
-            for event, item in good:
+            for event, item in good:  # titles first: behaviours processed meanwhile see them
                 stream._set_current_event(event)
-                key = item.item_id.encode()
-                item_text[key] = item.text().encode("utf-8")
+                item_text[item.item_id.encode()] = item.text().encode("utf-8")
                 text_cache.pop(item.item_id, None)
-                if drift is not None:
-                    value = vectors.store.get(key)
-                    if item_vectors.get(key) != value:
-                        item_vectors[key] = value
                 metrics.ITEMS_LOADED.inc()
             stream._set_current_event(pending)
+            if drift is not None:  # batched encodes of new or changed titles, off the loop
+                await vectors.put_texts_off_loop({item.item_id: item.text() for _, item in good})
+                pending = stream.current_event
+                for event, item in good:
+                    stream._set_current_event(event)
+                    key = item.item_id.encode()
+                    value = vectors.store.get(key)
+                    if value is not None and item_vectors.get(key) != value:
+                        item_vectors[key] = value
+                stream._set_current_event(pending)
             await make_durable(sent[ITEMS])
             await ack_all(stream, batch)
 

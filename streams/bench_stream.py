@@ -3,13 +3,16 @@
 Starts its own local broker, replays a MovieLens dataset into `behaviors`, then
 1. reads the whole topic with a bare aiokafka consumer (the client Faust uses), no processing:
    the ceiling on this machine;
-2. runs `liber worker` as a separate process from an empty state and times it from its first
-   to its last event (read from its Prometheus metrics), with its peak RSS.
-Prints one JSON object.
+2. runs a Faust agent that only batches and acks (streams/faust_floor.py): what Faust's
+   per-event path costs before any processing;
+3. runs `liber worker` as a separate process from an empty state and times it from its first
+   to its last event (read from its Prometheus metrics), with its peak RSS and CPU seconds.
+Prints one JSON object. CPU seconds per event are the robust figure on a shared machine.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -48,6 +51,21 @@ async def _bare_consume(settings: Settings, total: int) -> float:
         await consumer.stop()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _faust_floor(settings: Settings, total: int, out: Path, timeout: float) -> dict:
+    env = {**os.environ, **settings.replace(app_id="liber-bench-floor").to_env()}
+    proc = subprocess.run([sys.executable, "-m", "streams.faust_floor", str(total), str(out)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if not out.exists():
+        raise RuntimeError(f"faust floor failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -78,13 +96,15 @@ def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
                 seen = 0.0
             now = time.perf_counter()
             if seen > 0 and first is None:
-                first = (now, seen)
-            last = now
-            time.sleep(0.05)
-        # Events counted at the first sample arrived before it: extrapolate back linearly.
-        elapsed = last - first[0] if first else 0.0
+                first = (now, seen, _cpu_s(proc.pid))
+            last = (now, _cpu_s(proc.pid))
+            time.sleep(0.5)  # each scrape costs the worker CPU (the state-size walk)
+        # Events counted at the first sample arrived before it: count from that sample on.
+        elapsed = last[0] - first[0] if first else 0.0
+        cpu = last[1] - first[2] if first else 0.0
         rate = (seen - first[1]) / elapsed if elapsed > 0 else float("nan")
         return {"events_per_s": rate, "worker_seconds": elapsed, "events_processed": int(seen),
+                "events_per_cpu_s": (seen - first[1]) / cpu if cpu > 0 else float("nan"),
                 "partitions_closed": int(scrape(url, "liber_partitions_closed_total")),
                 "dead_lettered": int(scrape(url, "liber_dead_lettered_total")),
                 "peak_rss_mb": round(_peak_rss_mb(proc.pid), 1)}
@@ -116,6 +136,8 @@ def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
         produced = replay(settings, dataset, limit=limit, progress=False, log=log)
         log(f"bare consumer: reading {produced.events} events ...")
         raw_seconds = asyncio.run(_bare_consume(settings, produced.events))
+        log(f"faust floor: an agent that only batches and acks {produced.events} events ...")
+        floor = _faust_floor(settings, produced.events, work / "floor.json", timeout)
         log(f"stream worker: processing {produced.events} events ...")
         worker = _time_worker(settings, produced.events, work / "worker.log", timeout, log)
         raw_rate = produced.events / raw_seconds
@@ -123,6 +145,9 @@ def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
                 "events_per_s": round(worker["events_per_s"]),
                 "raw_consumer_events_per_s": round(raw_rate),
                 "ratio": round(worker["events_per_s"] / raw_rate, 3),
+                "events_per_cpu_s": round(worker["events_per_cpu_s"]),
+                "faust_floor_events_per_s": round(floor["events"] / floor["seconds"]),
+                "faust_floor_events_per_cpu_s": round(floor["events"] / floor["cpu_s"]),
                 "complete": worker["events_processed"] >= produced.events,
                 "worker_seconds": round(worker["worker_seconds"], 1),
                 "partitions_closed": worker["partitions_closed"],

@@ -240,13 +240,36 @@ class ItemVectors:
         value = self.store.get(item_id.encode("utf-8"))
         return value is not None and bytes(value[VECTOR_BYTES:]) == text_digest(text)
 
+    def _stale(self, texts) -> list[tuple[str, str]]:
+        pairs = texts.items() if isinstance(texts, Mapping) else texts
+        return [(item_id, text) for item_id, text in pairs if not self.is_current(item_id, text)]
+
+    async def put_texts_off_loop(self, texts: Mapping[str, str], *,
+                                 batch_size: int = 64) -> dict[str, bytes]:
+        """`put_texts` for an event loop: the encoder runs in a worker thread, one small batch
+        at a time, so the loop keeps processing events meanwhile (encoding a catalogue of
+        thousands of titles took minutes of the stream worker's loop); vectors are stored on
+        the loop's thread. An item stored meanwhile (by an on-demand encode) is kept as is."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        written: dict[str, bytes] = {}
+        todo = self._stale(texts)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            matrix = await loop.run_in_executor(
+                None, self.encoder.encode, [vector_text(text) for _, text in chunk])
+            self.encoded += len(chunk)
+            for (item_id, text), vector in zip(chunk, matrix):
+                if not self.is_current(item_id, text):
+                    written[item_id] = self.put_vector(item_id, vector, text)
+        return written
+
     def put_texts(self, texts: Mapping[str, str] | Iterable[tuple[str, str]], *,
                   batch_size: int = 256) -> dict[str, bytes]:
         """Encode, in batches, items by their prompt text (records.Item.text(); the encoder sees
         `vector_text` of it) where the stored vector is missing or was made from another text;
         returns {item_id: stored value} of the ones encoded."""
-        pairs = texts.items() if isinstance(texts, Mapping) else texts
-        todo = [(item_id, text) for item_id, text in pairs if not self.is_current(item_id, text)]
+        todo = self._stale(texts)
         written: dict[str, bytes] = {}
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]

@@ -119,6 +119,32 @@ def test_vectors_live_in_a_bytes_store_and_only_changed_texts_are_encoded(movies
     assert not np.array_equal(third.get(toy), first.get(toy))
 
 
+def test_encoding_off_the_event_loop_stores_the_same_vectors_and_lets_the_loop_run(movies,
+                                                                                  vectors):
+    import asyncio
+    texts = {m.item_id: movie_item(m).text() for m in movies.values()}
+    toy = movies["Toy Story (1995)"].item_id
+    off_loop = ItemVectors({}, encoder=vectors.encoder)
+    ticks = []
+
+    async def main():
+        async def ticker():  # runs while the encoder works in a thread
+            while True:
+                ticks.append(1)
+                await asyncio.sleep(0)
+
+        ticking = asyncio.ensure_future(ticker())
+        off_loop.put_vector(toy, vectors.get(toy), texts[toy])  # stored meanwhile: kept
+        written = await off_loop.put_texts_off_loop(texts, batch_size=4)
+        ticking.cancel()
+        return written
+
+    written = asyncio.run(main())
+    assert set(written) == set(texts) - {toy} and ticks
+    for item_id in texts:
+        np.testing.assert_allclose(off_loop.get(item_id), vectors.get(item_id), atol=1e-3)
+
+
 def test_drift_rule_encodes_unseen_items_from_catalogue_text(movies):
     catalogue = {m.item_id: movie_item(m).text() for m in movies.values()}
     rule = DriftRule(ItemVectors(), THRESHOLD, MIN_EVENTS, text_of=catalogue.get)

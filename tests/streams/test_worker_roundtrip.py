@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -131,3 +132,40 @@ def test_quiet_user_cache_closes_when_event_time_moves_on(settings, start_worker
               for r in read_topic(settings, PARTITIONS_CLOSED, expect=1)]
     assert [(p.user_id, p.seq, p.reason, [e.event_id for e in p.events]) for p in closed] == [
         ("quiet", 0, "max_gap", ["q0", "q1"])]
+
+
+def test_every_worker_of_a_group_joins_every_title(settings, start_worker, tmp_path):
+    """The item-text table is global: with two workers, each consumes half of `items`, yet a
+    user on either worker gets the titles of items loaded by the other one (as a partitioned
+    table, each worker only knew its own half and wrote placeholders for the rest)."""
+    from kafka.partitioner.default import murmur2
+
+    def partition(key: str) -> int:
+        return (murmur2(key.encode()) & 0x7FFFFFFF) % settings.topic_partitions
+
+    items = [f"m{i}" for i in range(12)]
+    users = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    assert {partition(i) for i in items} == {partition(u) for u in users} == {0, 1}
+    settings = settings.replace(max_events=len(items), drift_threshold=0.0)
+    create_topics(settings, log=lambda m: None)
+    workers = [start_worker(settings.replace(state_dir=str(tmp_path / name))) for name in "ab"]
+    for worker in workers:  # a settled group: each worker owns one partition of each topic
+        worker.wait_metric("liber_assigned_partitions", 1, timeout=180,
+                           topic=settings.topic(BEHAVIORS))
+    with BehaviorProducer(settings) as producer:
+        for item in items:
+            producer.send_item(Item(item, f"Film {item} (1999)", {"genres": ["Drama"]}))
+    deadline = time.monotonic() + 60
+    while sum(w.metric("liber_items_loaded_total") or 0 for w in workers) < len(items):
+        assert time.monotonic() < deadline, "the items were not loaded"
+        time.sleep(0.2)
+    time.sleep(3)  # each worker follows the other's half of the table as a standby: let it land
+    with BehaviorProducer(settings) as producer:
+        for u, user in enumerate(users):
+            for i, item in enumerate(items):
+                producer.send(event(f"{user}-{i}", user, item, T0 + 60 * i + u))
+    closed = [decode(ClosedPartition, r.value, key=r.key)
+              for r in read_topic(settings, PARTITIONS_CLOSED, expect=len(users))]
+    assert sorted(p.user_id for p in closed) == sorted(users)
+    for part in closed:
+        assert [e.text for e in part.events] == [f"Film {i} (1999) [Drama]" for i in items]
