@@ -38,7 +38,7 @@ from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
 from streams import movielens
 from streams.producer import BehaviorProducer
-from streams.replay import movie_item, rating_event, select
+from streams.replay import in_laps, movie_item, rating_event, select
 from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, SUMMARIES, create_topics
 
 FAULTS = ("kill_stream_worker", "kill_llm_worker", "broker_restart", "llm_errors", "slow_llm")
@@ -425,9 +425,32 @@ def run(settings: Settings, faults=FAULTS, *, users: int = 10, per_user: int = 5
             "users": users, "per_user": per_user, "machine": _machine()}
 
 
-def soak(settings: Settings, seconds: float, rate: float, *, with_llm: bool = False,
-         sample_s: float = 5.0, workdir: str | None = None, log=print) -> dict:
-    """Replay MovieLens-1M at `rate` events/s for `seconds`; sample lag and memory."""
+def soak_events(ratings: list, count: int, users: int | None = None) -> tuple[list, int]:
+    """The soak's `count` events and how many laps they make: the first ratings of MovieLens-1M
+    in time order (one lap, a growing population: new users keep arriving), or with `users`
+    the ratings of the first `users` users in laps (`streams.replay.in_laps`: a fixed
+    population, so per-user state is bounded). `ratings`: ML-1M's, in time order."""
+    if not users:
+        return [rating_event("ml-1m", r) for r in ratings[:count]], 1
+    population = [rating_event("ml-1m", r) for r in select(ratings, users=users)]
+    return in_laps(population, count), -(-count // len(population))
+
+
+def users_seen(events: list) -> list[int]:
+    """seen[i]: distinct users among the first i events."""
+    users: set[str] = set()
+    seen = [0]
+    for e in events:
+        users.add(e.user_id)
+        seen.append(len(users))
+    return seen
+
+
+def soak(settings: Settings, seconds: float, rate: float, *, users: int | None = None,
+         with_llm: bool = False, sample_s: float = 5.0, workdir: str | None = None,
+         log=print) -> dict:
+    """Replay MovieLens-1M at `rate` events/s for `seconds` (`users`: a fixed population in
+    laps, see `soak_events`); sample lag and memory."""
     root = Path(workdir or tempfile.mkdtemp(prefix="liber-soak-"))
     broker = _broker(settings, root)
     broker.start(log=log)
@@ -438,8 +461,8 @@ def soak(settings: Settings, seconds: float, rate: float, *, with_llm: bool = Fa
         log_dir.mkdir(parents=True, exist_ok=True)
         count = int(seconds * rate)
         data_dir = movielens.fetch(s.home, datasets=("ml-1m",), log=lambda m: None)["ml-1m"]
-        ratings = movielens.load_ratings(data_dir, "ml-1m")[:count]
-        events = [rating_event("ml-1m", r) for r in ratings]
+        events, laps = soak_events(movielens.load_ratings(data_dir, "ml-1m"), count, users)
+        seen = users_seen(events)
         pipe = Pipeline(s, log_dir, with_llm=with_llm)
         pipe.start()
         with BehaviorProducer(s) as producer:
@@ -451,7 +474,8 @@ def soak(settings: Settings, seconds: float, rate: float, *, with_llm: bool = Fa
         while replay.is_alive():
             pipe.supervise()
             row = pipe.sample()
-            row["sent"] = replay.sent
+            row["sent"], row["users_seen"] = replay.sent, seen[replay.sent]
+            row["load_1m"] = os.getloadavg()[0]  # the machine may be shared: say how busy
             log(f"soak t={time.monotonic() - started:.0f}s sent={replay.sent} "
                 f"in={row['events_in']} lag={row['stream_lag']} rss={row['stream_rss_mb']}")
             replay.join(sample_s)
@@ -464,12 +488,25 @@ def soak(settings: Settings, seconds: float, rate: float, *, with_llm: bool = Fa
         broker.stop(log=log)
     rows = [r for r in pipe.samples if r["stream_rss_mb"] is not None]
     lags = [r["stream_lag"] for r in pipe.samples if r["stream_lag"] is not None]
-    warm = [r for r in rows if r["t"] - rows[0]["t"] >= 60] or rows
-    half = warm[len(warm) // 2:]
+    # Memory trend over the replay only (not the drain), after a minute of warm-up.
+    replaying = [r for r in rows if "sent" in r] or rows
+    warm = [r for r in replaying if r["t"] - replaying[0]["t"] >= 60] or replaying
+    first, half = warm[:len(warm) // 2], warm[len(warm) // 2:]
     rss = [r["stream_rss_mb"] for r in rows]
-    slope = _slope([(r["t"], r["stream_rss_mb"]) for r in half]) * 60
+    loads = sorted(r["load_1m"] for r in replaying if "load_1m" in r)
+
+    def per_min(part: list) -> float:
+        return round(_slope([(r["t"], r["stream_rss_mb"]) for r in part]) * 60, 2)
+
+    # RSS against users seen so far (growing population only): an upper bound of the memory
+    # per user, as it also takes in whatever grows per event.
+    per_user = [(r["users_seen"], r["stream_rss_mb"]) for r in warm if "users_seen" in r]
     return {
         "seconds": seconds, "rate_target": rate, "events_sent": len(events),
+        "population": f"fixed: {users} users in laps" if users else "growing: ML-1M in time order",
+        "users_seen": seen[-1], "laps": laps,
+        "stream_rss_mb_per_1000_users_seen": round(_slope(per_user) * 1000, 2)
+        if len({u for u, _ in per_user}) > 1 else None,
         "rate_achieved": round(len(events) / replay_seconds, 1),
         "events_in": report.events_in, "lost": report.lost, "invariants_ok": report.ok,
         "partitions": report.partitions, "drained": drained,
@@ -478,9 +515,13 @@ def soak(settings: Settings, seconds: float, rate: float, *, with_llm: bool = Fa
         "stream_lag_median": sorted(lags)[len(lags) // 2] if lags else None,
         "stream_lag_final": lags[-1] if lags else None,
         "stream_rss_mb_after_60s": round(warm[0]["stream_rss_mb"], 1) if warm else None,
+        "stream_rss_mb_at_half": round(half[0]["stream_rss_mb"], 1) if half else None,
+        "stream_rss_mb_replay_end": round(warm[-1]["stream_rss_mb"], 1) if warm else None,
         "stream_rss_mb_end": round(rss[-1], 1) if rss else None,
         "stream_rss_mb_max": round(max(rss), 1) if rss else None,
-        "stream_rss_slope_mb_per_min_second_half": round(slope, 2),
+        "stream_rss_slope_mb_per_min_first_half": per_min(first),
+        "stream_rss_slope_mb_per_min_second_half": per_min(half),
+        "load_avg_1m_median_during_replay": round(loads[len(loads) // 2], 2) if loads else None,
         "samples": len(pipe.samples), "workdir": str(root), "machine": _machine(),
     }
 

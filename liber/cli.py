@@ -165,7 +165,8 @@ def cmd_chaos(settings: Settings, args) -> int:
     from liber import chaos
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     if args.soak:
-        result = chaos.soak(settings, args.soak, args.rate, with_llm=args.with_llm,
+        result = chaos.soak(settings, args.soak, args.rate, users=args.soak_users,
+                            with_llm=args.with_llm,
                             workdir=args.workdir, log=log)
         ok = result["invariants_ok"] and result["drained"]
     else:
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak", type=float, metavar="SECONDS", help="load run of this length instead")
     p.add_argument("--rate", type=float, default=500.0, help="soak: events per second (ML-1M)")
     p.add_argument("--with-llm", action="store_true", help="soak: run the LLM worker too")
+    p.add_argument("--soak-users", type=int, metavar="N",
+                   help="soak: a fixed population, the first N users' ratings in laps "
+                        "(default: ML-1M in time order, new users keep arriving)")
     p.add_argument("--workdir", help="broker data, state and logs (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="one line of JSON (progress to stderr)")
     p.set_defaults(func=cmd_chaos)

@@ -2,11 +2,13 @@
 
 Ratings go out in timestamp order (ties in file order), keyed by user; each event id is
 `<dataset>:<line>`, so a second replay of the same file is recognised as duplicates.
+`in_laps` sends a fixed set of users' events again and again as new events (the soak's fixed
+population, where per-user state stays bounded).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
@@ -56,6 +58,32 @@ def select(ratings: list, *, users: int | None = None, limit: int | None = None,
                 kept.append(r)
         ratings = kept
     return ratings[:limit] if limit else ratings
+
+
+def in_laps(events: list[BehaviorEvent], count: int, *,
+            now: float | None = None) -> list[BehaviorEvent]:
+    """`count` events made of `events` (one population, in time order) repeated in laps. Lap k
+    (from 1) gives each event the id `<id>#k` and moves its time forward by k times (the
+    population's time span + 1 s): every lap starts after the previous one ended, so its
+    events are new (not duplicates), in time order for every user and never late. Raises
+    ValueError when the last lap would lie in the future (`now`, default the clock), where the
+    worker would start dead-lettering far-future events."""
+    if not events:
+        raise ValueError("no events to repeat")
+    times = [e.ts for e in events]
+    shift = max(times) - min(times) + 1.0
+    laps = -(-count // len(events))  # ceil
+    newest = max(times) + (laps - 1) * shift
+    if newest > (time.time() if now is None else now):
+        raise ValueError(f"{laps} laps of this population reach ts={newest:.0f}, in the future: "
+                         f"use more users or fewer events")
+    out: list[BehaviorEvent] = []
+    for lap in range(laps):
+        take = events[:count - len(out)]
+        out.extend(take if lap == 0 else
+                   [replace(e, event_id=f"{e.event_id}#{lap}", ts=e.ts + lap * shift)
+                    for e in take])
+    return out
 
 
 def replay(settings: Settings, dataset: str, *, rate: float | None = None, limit: int | None = None,
