@@ -18,7 +18,6 @@ from liber.settings import Settings
 from ops import metrics
 from streams import dead_letter, partitioner
 from streams import drift as drift_rule
-from streams import store_memory
 from streams.quiet_users import QuietUsers
 from streams.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item, PartitionEvent,
                              decode)
@@ -216,8 +215,7 @@ def create_app(settings: Settings) -> faust.App:
 
     def table(cls, name: str, written_by: str, **kwargs):
         created = app.tables.add(cls(app, name=name, beacon=app.tables.beacon,
-                                     partitions=settings.topic_partitions,
-                                     options=store_memory.table_options(), **kwargs))
+                                     partitions=settings.topic_partitions, **kwargs))
         created.sent = sent[written_by]
         return created
 
@@ -403,8 +401,9 @@ def create_app(settings: Settings) -> faust.App:
                     quiet.track(partition, key, state)
 
     def rebuild_quiet_index() -> None:
-        """At the first batch after start, index the open caches in the recovered table. (After
-        a rebalance, users of newly assigned partitions join the index when they next send.)"""
+        """Index the open caches of the recovered table: at the first batch after start and
+        after every rebalance, so the caches of a partition taken over from another worker are
+        swept too, even for users who never send again (they stayed open forever before)."""
         quiet.open.clear()
         for key, state in user_state.items():
             if state and state["events"]:
@@ -413,11 +412,12 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(behaviors)
     async def ubsp(stream):
-        indexed = False
+        indexed = None  # the consumer generation the quiet index was built for
         async for batch in batches(stream, settings.batch_size):
-            if not indexed:  # tables are recovered once events flow
-                rebuild_quiet_index()
-                indexed = True
+            generation = app.consumer_generation_id
+            if generation != indexed and not (app.rebalancing or app.in_recovery):
+                rebuild_quiet_index()  # partitions may have moved: index what we own now
+                indexed = generation
             touched = apply_batch(batch)
             sweep_quiet(batch, touched)
             metrics.OPEN_CACHES.set(sum(map(len, quiet.open.values())))  # as the quiet index knows
