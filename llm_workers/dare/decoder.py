@@ -1,8 +1,7 @@
 """DARE's decoding loop for a transformers causal LM: draft from the pools, verify in one pass.
 
-One request at a time (batch size 1). Each step feeds the last accepted token plus the draft
-(up to `draft_len` tokens) through the model with the KV cache of everything before; the logits
-at those positions verify the draft:
+Each step feeds the last accepted token plus the draft (up to `draft_len` tokens) through the
+model with the KV cache of everything before; the logits at those positions verify the draft:
 
   strict  - a draft token is accepted when it equals the model's argmax there: the output is
             the plain greedy output (lossless, up to floating-point ties between argmaxes);
@@ -17,6 +16,10 @@ one `PoolStore.draft` call; the longest suffix match across them wins.
 Verification stops at the first rejected token, where the model's own argmax is taken instead
 (or, when all were accepted, the model's next token after the draft is added for free). The
 cache entries of the rejected draft tokens are cropped, so every step reuses the cache.
+
+Batches (`generate_batch`): several requests share each forward pass; rows keep their own
+drafts, acceptance and positions, and a row's rejected cache columns are masked rather than
+cropped when another row still needs those columns (see the method). `generate` is a batch of 1.
 
 `logits_processor` (optional, per request): an HF-style processor `(input_ids [1, L],
 scores [1, V]) -> scores` such as a `LogitsProcessorList` (repetition penalty, a format guide).
