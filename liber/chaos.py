@@ -500,7 +500,8 @@ def soak(settings: Settings, seconds: float, rate: float, *, users: int | None =
 
     # RSS against users seen so far (growing population only): an upper bound of the memory
     # per user, as it also takes in whatever grows per event.
-    per_user = [(r["users_seen"], r["stream_rss_mb"]) for r in warm if "users_seen" in r]
+    per_user = [(r["users_seen"], r["stream_rss_mb"]) for r in warm if "users_seen" in r
+                and not users]
     return {
         "seconds": seconds, "rate_target": rate, "events_sent": len(events),
         "population": f"fixed: {users} users in laps" if users else "growing: ML-1M in time order",
