@@ -18,6 +18,7 @@ from liber.settings import Settings
 from ops import metrics
 from streams import dead_letter, partitioner
 from streams import drift as drift_rule
+from streams import store_memory
 from streams.quiet_users import QuietUsers
 from streams.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item, PartitionEvent,
                              decode)
@@ -215,7 +216,8 @@ def create_app(settings: Settings) -> faust.App:
 
     def table(cls, name: str, written_by: str, **kwargs):
         created = app.tables.add(cls(app, name=name, beacon=app.tables.beacon,
-                                     partitions=settings.topic_partitions, **kwargs))
+                                     partitions=settings.topic_partitions,
+                                     options=store_memory.table_options(), **kwargs))
         created.sent = sent[written_by]
         return created
 
@@ -260,7 +262,7 @@ def create_app(settings: Settings) -> faust.App:
         if text is None:
             stored = item_text.get(item_id.encode())
             if stored is None:
-                if item_id not in missing and len(missing) < 1000:  # once per item, bounded
+                if item_id not in missing and len(missing) < 100:  # once per item, bounded
                     missing.add(item_id)
                     log.warning("item %s has no text in the item-text table: placeholder "
                                 "used", item_id)

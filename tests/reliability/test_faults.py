@@ -23,9 +23,6 @@ def run(fault, settings, kafka, tmp_path, **kw):
     return result
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (intermittent): after kill -9 a replayed "
-                   "partition can be republished before the item-text global table is restored, "
-                   "with a placeholder title (conflicting_partitions)")
 def test_kill_9_of_the_stream_worker_loses_nothing(settings, kafka, tmp_path):
     result = run("kill_stream_worker", settings, kafka, tmp_path, users=5, per_user=30,
                  with_llm=False)

@@ -77,9 +77,6 @@ def test_kill_9_mid_replay_then_restart_gives_the_uninterrupted_result(crash_set
     assert second.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (intermittent, 1 of 3 clean-clone CI runs): "
-                   "after the kill the survivor sometimes never closes the killed worker's "
-                   "last partitions of one user")
 def test_two_workers_one_killed_the_other_takes_over(crash_settings, start_worker, tmp_path):
     settings = crash_settings
     a = start_worker(settings.replace(state_dir=str(tmp_path / "a")))
