@@ -33,7 +33,7 @@ def run(settings: Settings, total: int, out: str) -> None:
                     **faust_broker_options(settings))
     topic = app.topic(settings.topic(BEHAVIORS), key_type=bytes, value_type=bytes,
                       key_serializer="raw", value_serializer="raw")
-    seen = {"events": 0, "first": None, "last": None, "cpu0": None}
+    seen = {"events": 0, "first": None, "cpu0": None}
 
     @app.agent(topic)
     async def count(stream):
