@@ -22,7 +22,3 @@ def table_options() -> dict:
     return {"write_buffer_size": WRITE_BUFFER_BYTES, "max_write_buffer_number": WRITE_BUFFERS,
             "block_cache_size": BLOCK_CACHE_BYTES}
 
-
-def bound_bytes(stores: int) -> int:
-    """Upper bound of memtables plus block caches over `stores` stores."""
-    return stores * (WRITE_BUFFER_BYTES * WRITE_BUFFERS + BLOCK_CACHE_BYTES)
