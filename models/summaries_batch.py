@@ -100,7 +100,19 @@ def _key(mode: str, backend, settings, max_new_tokens: int, user_id: str, seq: i
     parts = [mode, backend.name, backend.model, prompts.TEMPLATE_VERSION, str(max_new_tokens),
              str(settings.llm_repetition_penalty), settings.llm_dtype,
              str(settings.llm_max_summary_chars), user_id, str(seq), prompt.sha256()]
+    decoding = _decoding(settings, backend.name)
+    if decoding:  # greedy and DARE-strict share answers (identical); relaxed ones differ
+        parts.append(decoding)
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def _decoding(settings, backend_name: str) -> str:
+    """The decoding rule when it changes answers: DARE's relaxed verification, '' otherwise."""
+    dare_on = (settings.llm_dare if backend_name == "transformers"
+               else backend_name.startswith("vllm") and settings.llm_vllm_speculative == "dare")
+    if dare_on and settings.dare_mode == "relaxed":
+        return f"dare-relaxed-k{settings.dare_top_k}-p{settings.dare_min_prob}"
+    return ""
 
 
 class BatchSummariser:

@@ -77,3 +77,20 @@ def test_partitions_must_be_in_seq_order(tmp_path):
         summariser.run({"7": [PARTS["7"][1]]}, "cascade")
     with pytest.raises(ValueError, match="mode"):
         summariser.run(PARTS, "other")
+
+
+def test_cache_keys_tell_relaxed_dare_answers_from_greedy_ones():
+    """Strict DARE answers equal greedy ones and may share the cache; relaxed ones may not."""
+    from models.summaries_batch import _BackendId, _key
+    prompt = prompts.ChatPrompt("system", "user")
+
+    def key(**overrides):
+        s = base_settings().replace(**overrides)
+        return _key("cascade", _BackendId(s), s, 64, "7", 0, prompt)
+
+    plain = key()
+    assert key(llm_dare=1, dare_mode="strict") == key(llm_dare=1, dare_mode="off") == plain
+    relaxed = key(llm_dare=1, dare_mode="relaxed")
+    assert relaxed != plain
+    assert key(llm_dare=1, dare_mode="relaxed", dare_top_k=3) != relaxed
+    assert key(dare_mode="relaxed") == plain  # DARE not switched on in the backend
