@@ -148,7 +148,9 @@ class BatchSummariser:
                 "template": prompts.TEMPLATE_VERSION, "max_new_tokens": self.max_new_tokens,
                 "batch_size": self.batch_size, "dtype": self.s.llm_dtype,
                 "repetition_penalty": self.s.llm_repetition_penalty,
-                "decoding": "greedy, labelled lines forced (LineGuide)",
+                "decoding": ("greedy, labelled lines forced (LineGuide)"
+                             + (f"; {_decoding(self.s, self.s.llm_backend)}"
+                                if _decoding(self.s, self.s.llm_backend) else "")),
                 "max_title_chars": self.s.llm_max_title_chars,
                 "max_summary_chars": self.s.llm_max_summary_chars,
                 "naive_max_prompt_tokens": self.s.llm_max_prompt_tokens,
