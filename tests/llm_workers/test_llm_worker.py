@@ -180,3 +180,36 @@ def test_naive_mode_resummarises_the_stored_history(settings, start_worker):
         assert "Heat (1995)" in store.last_prompt("v")["user"]
     finally:
         store.close()
+
+
+def test_a_new_owner_goes_on_with_the_cascade_of_the_worker_that_left(settings, start_worker,
+                                                                      tmp_path):
+    """Two LLM workers in one group, each with its own RocksDB state: when the first leaves,
+    the second takes its partitions, brings their users' summaries in from `summaries`, prompts
+    the next partition with the summary the first one wrote and republishes a redelivered
+    partition byte for byte."""
+    settings = llm_settings(settings, llm_collective_min_users=0)
+    create_topics(settings, log=lambda m: None)
+    crime, kids = GENRES["crime"], GENRES["kids"]
+    u1 = [partition("u1", 0, crime, [5, 4, 5]), partition("u1", 1, kids, [4, 5])]
+    first = start_worker(settings.replace(state_dir=str(tmp_path / "first")), "llm-worker")
+    send(settings, u1[0])
+    first.wait_metric("liber_llm_summaries_total", 1, timeout=150)
+    second = start_worker(settings.replace(state_dir=str(tmp_path / "second")), "llm-worker")
+    second.wait_metric("liber_llm_queue_depth", 0, timeout=120)  # up, consuming
+    assert first.stop() == 0  # a clean leave: its partitions go to the second worker
+    send(settings, u1[1], u1[0])  # the next partition, and seq 0 delivered again
+    second.wait_metric("liber_llm_summaries_total", 1, timeout=150)
+    second.wait_metric("liber_llm_redelivered_total", 1, action="republished", timeout=60)
+    assert second.metric("liber_llm_restored_total") >= 1
+
+    got = summaries_by_key(settings, expect=3)
+    assert len(got["u1", 0]) == 2 and got["u1", 0][0] == got["u1", 0][1]
+    summary0 = decode(Summary, got["u1", 0][0], key=b"u1")
+    summary1 = decode(Summary, got["u1", 1][0], key=b"u1")
+    assert summary1.context == "previous"
+    assert summary1.prompt_sha256 == prompts.cascade_prompt(
+        [Activity(e.text, e.action, e.value) for e in u1[1].events],
+        context=summary0.cascaded_summary, context_kind=prompts.CONTEXT_PREVIOUS,
+        max_title_chars=settings.llm_max_title_chars,
+        max_context_chars=settings.llm_max_summary_chars).sha256()
