@@ -309,9 +309,9 @@ def _vllm(settings) -> Backend:
     method = settings.llm_vllm_speculative
     dare = {}
     if method == "dare":
-        from llm_workers.dare.engine import check_settings
+        from llm_workers.dare.engine import check_settings, pool_dir
         check_settings(settings)
-        dare = {"pool_dir": settings.dare_pool_dir or str(settings.state_path / "dare-pools"),
+        dare = {"pool_dir": str(pool_dir(settings)),
                 "max_ngram": settings.dare_max_ngram, "max_tokens": settings.dare_pool_max_tokens,
                 "genre_pools": settings.dare_genre_pools,
                 "context_pool": bool(settings.dare_context_pool)}
