@@ -47,6 +47,7 @@ def run(args) -> dict:
     from llm_workers.dare.bench import _partitions, _plan
     from llm_workers.prompts import Activity
     from streams import movielens
+    from streams.replay import movie_item
 
     base = Settings.load(llm_threads=1)
     max_new = args.max_new_tokens or base.llm_max_new_tokens
@@ -59,8 +60,8 @@ def run(args) -> dict:
                                        args.prompts, args.warm, args.seed)
 
     def prompt(part, previous):
-        acts = [Activity(f"{movies[e[1]].title} [{'|'.join(movies[e[1]].genres)}]", "rate",
-                         float(e[4])) for e in part.events]
+        acts = [Activity(movie_item(movies[e[1]]).text(), "rate", float(e[4]))
+                for e in part.events]
         kind = prompts.CONTEXT_PREVIOUS if previous else prompts.CONTEXT_NONE
         return prompts.cascade_prompt(acts, context=previous, context_kind=kind)
 
