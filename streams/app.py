@@ -184,24 +184,27 @@ class TrackedGlobalTable(TrackedSends, faust.GlobalTable):
     pass
 
 
+def consuming_options(settings: Settings) -> dict:
+    """How the worker's Faust app reads: shared with streams/faust_floor.py, whose agent must
+    pay exactly the worker's per-event costs to be its floor."""
+    return dict(topic_partitions=settings.topic_partitions, consumer_auto_offset_reset="earliest",
+                web_enabled=False, stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
+                Monitor=QuietMonitor, **faust_broker_options(settings))
+
+
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.app_id,
         store="rocksdb://",
         datadir=str(settings.state_path / settings.app_id),
-        topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.replication_factor,
-        consumer_auto_offset_reset="earliest",
-        web_enabled=False,
         producer_acks=-1,
         # Batch outgoing changelog and output records instead of one request per record.
         # Each batch waits for its records' acks (make_durable), so a long linger would only
         # add to every batch's wait.
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
-        stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
-        Monitor=QuietMonitor,
-        **faust_broker_options(settings),
+        **consuming_options(settings),
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
                partitions=settings.topic_partitions)

@@ -21,16 +21,11 @@ from streams.topics import BEHAVIORS
 def run(settings: Settings, total: int, out: str) -> None:
     import faust
 
-    from streams.app import QuietMonitor, ack_all, batches, faust_broker_options
+    from streams.app import ack_all, batches, consuming_options
 
     settings.state_path.mkdir(parents=True, exist_ok=True)
-    app = faust.App(f"{settings.app_id}-floor", web_enabled=False,
-                    datadir=str(settings.state_path / "faust-floor"),
-                    consumer_auto_offset_reset="earliest",
-                    topic_partitions=settings.topic_partitions,
-                    stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
-                    Monitor=QuietMonitor,
-                    **faust_broker_options(settings))
+    app = faust.App(f"{settings.app_id}-floor", datadir=str(settings.state_path / "faust-floor"),
+                    **consuming_options(settings))
     topic = app.topic(settings.topic(BEHAVIORS), key_type=bytes, value_type=bytes,
                       key_serializer="raw", value_serializer="raw")
     seen = {"events": 0, "first": None, "cpu0": None}
