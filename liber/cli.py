@@ -204,6 +204,16 @@ def cmd_eval(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_eval_dare(settings: Settings, args) -> int:
+    from models.decoding_quality import run
+    result = run(settings, dataset=args.dataset, users=args.users, depth=args.depth, k=args.k,
+                 seeds=tuple(range(args.seeds)), max_new_tokens=args.max_new_tokens,
+                 batch_size=args.llm_batch, epochs=args.epochs,
+                 log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def cmd_status(settings: Settings, args) -> int:
     from liber.status import run
     print(run(settings, urls=args.metrics, window_s=args.window, closes=args.closes,
@@ -329,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("train", "train UIF + a CTR model on MovieLens, save a versioned "
                                      "artifact (models/artifact.py)"),
                            ("eval", "CTR evaluation: backbones alone vs with UIF vectors "
-                                    "(models/evaluation.py)")):
+                                    "(models/evaluation.py)"),
+                           ("eval-dare", "CTR AUC with DARE-strict vs DARE-relaxed summaries "
+                                         "(models/decoding_quality.py)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--dataset", default="ml-1m", choices=["ml-100k", "ml-1m"])
         p.add_argument("--users", type=int, default=40, help="users drawn (split 70/15/15)")
@@ -346,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--seeds", type=int, default=3, help="seeds per model")
             p.add_argument("--json", action="store_true", help="one line of JSON")
+        if name == "eval-dare":
+            p.set_defaults(func=cmd_eval_dare)
+        elif name == "eval":
             p.add_argument("--variants", default="base,liber,naive,item_text",
                            help="comma-separated; e.g. base,item_text (no LLM) scales to "
                                 "many users on CPU")

@@ -32,13 +32,13 @@ SOURCE_OF = {"liber": "cascade", "naive": "naive", "item_text": "item_text"}
 BACKBONES = ("din", "dcnv2")
 
 
-def _load() -> dict:
+def load() -> dict:
     one, five, fifteen = os.getloadavg()
     return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2),
             "loadavg_15m": round(fifteen, 2)}
 
 
-def _uptime() -> str:
+def uptime() -> str:
     try:
         import subprocess
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -46,7 +46,7 @@ def _uptime() -> str:
         return ""
 
 
-def _paired(diffs: list[float]) -> dict:
+def paired(diffs: list[float]) -> dict:
     n = len(diffs)
     mean = float(np.mean(diffs))
     if n < 2:
@@ -62,7 +62,7 @@ def _paired(diffs: list[float]) -> dict:
     return out
 
 
-def _bootstrap(labels: np.ndarray, users: np.ndarray, base: np.ndarray, other: np.ndarray,
+def bootstrap_diff(labels: np.ndarray, users: np.ndarray, base: np.ndarray, other: np.ndarray,
                rounds: int, seed: int = 0) -> dict:
     """AUC(other) - AUC(base) over test users resampled with replacement."""
     rng = np.random.default_rng(seed)
@@ -88,7 +88,7 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 40, depth: int = 2, k:
         bootstrap: int = 1000, data_seed: int = 0, examples: int = 2,
         log: Callable[[str], object] = lambda m: None) -> dict:
     started = time.monotonic()
-    load_start, uptime_start = _load(), _uptime()
+    load_start, uptime_start = load(), uptime()
     sources = tuple(SOURCE_OF[v] for v in variants if v != "base")
     data = training.prepare(settings, dataset=dataset, n_users=users, depth=depth, k=k,
                             history_len=history_len, data_seed=data_seed, sources=sources,
@@ -141,8 +141,8 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 40, depth: int = 2, k:
                      auc(test.label, probs[backbone, "base", s]) for s in seeds]
             other_mean = np.mean([probs[backbone, variant, s] for s in seeds], axis=0)
             lifts[backbone][variant] = {
-                "paired_over_seeds": _paired(diffs),
-                "bootstrap_seed_averaged": _bootstrap(test.label, test.user, base_mean,
+                "paired_over_seeds": paired(diffs),
+                "bootstrap_seed_averaged": bootstrap_diff(test.label, test.user, base_mean,
                                                       other_mean, bootstrap)}
     counts = {
         "users": {name: len(ids) for name, ids in data.users.items()},
@@ -188,10 +188,7 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 40, depth: int = 2, k:
         "examples": _examples(data, examples),
         "timing_s": {"prepare_incl_summaries": prepare_s,
                      "total": round(time.monotonic() - started, 1)},
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": _torch_threads(), "load_at_start": load_start,
-                    "load_at_end": _load(), "uptime_at_start": uptime_start,
-                    "uptime_at_end": _uptime()},
+        "machine": machine(load_start, uptime_start),
     }
     out["diagnostics"] = _diagnostics(data)
     out["notes"] = _notes(out)
@@ -220,6 +217,13 @@ def _diagnostics(data) -> dict:
             entry[f"{name}_texts"] = n
         out[source] = entry
     return out
+
+
+def machine(load_start: dict, uptime_start: str) -> dict:
+    """The machine and its load at the start (given) and now: figures are read against it."""
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "torch_threads": _torch_threads(), "load_at_start": load_start,
+            "load_at_end": load(), "uptime_at_start": uptime_start, "uptime_at_end": uptime()}
 
 
 def _torch_threads() -> int:
