@@ -110,6 +110,7 @@ class Settings:
     dare_top_k: int = field(default=2, metadata={"help": "relaxed: draft token must be in the top k"})
     dare_min_prob: float = field(default=0.1, metadata={"help": "relaxed: and have probability above this"})
     dare_clusters: int = field(default=8, metadata={"help": "user clusters (k-means), one pool each"})
+    dare_router_fit_after: int = field(default=500, metadata={"help": "fit the user clusters on the first N partitions routed, if none are stored (0: never)"})
     dare_genre_pools: int = field(default=2, metadata={"help": "item-group pools read per request"})
     dare_max_ngram: int = field(default=8, metadata={"help": "longest context suffix matched in a pool"})
     dare_pool_max_tokens: int = field(default=50_000, metadata={"help": "per-pool bound (oldest evicted)"})

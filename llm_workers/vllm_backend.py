@@ -314,6 +314,8 @@ def _vllm(settings) -> Backend:
         dare = {"pool_dir": str(pool_dir(settings)),
                 "max_ngram": settings.dare_max_ngram, "max_tokens": settings.dare_pool_max_tokens,
                 "genre_pools": settings.dare_genre_pools,
+                "clusters": settings.dare_clusters,
+                "router_fit_after": settings.dare_router_fit_after,
                 "context_pool": bool(settings.dare_context_pool)}
         if settings.dare_mode == "relaxed":
             dare["relaxed"] = {"top_k": settings.dare_top_k, "min_prob": settings.dare_min_prob}

@@ -5,7 +5,8 @@ The backend hands over a call's rendered prompts (token ids), each with its logi
 Here each request's pools are picked from what the prompt
 carries, with the same `PromptRouter` as the vLLM proposer (the items' `"Title" [Genre|...]`
 lines give `genre:` pools; a fitted router with its genre vocabulary in the store gives the
-`cluster:` pool); `DareDecoder` decodes with the configured verification (`LIBER_DARE_MODE`
+`cluster:` pool, and with none stored the router fits itself on the first
+LIBER_DARE_ROUTER_FIT_AFTER partitions); `DareDecoder` decodes with the configured verification (`LIBER_DARE_MODE`
 strict or relaxed) judging each position on the processed scores; each finished generation is
 fed back into the pools it read. The pools live in RocksDB (LIBER_DARE_POOL_DIR, default
 STATE/dare-pools), so a restarted worker starts warm.
@@ -25,12 +26,14 @@ from llm_workers.dare.vllm_proposer import PromptRouter
 class BackendDare:
     def __init__(self, model, tokenizer, store: PoolStore, *, mode: str = "relaxed",
                  draft_len: int = 15, top_k: int = 2, min_prob: float = 0.1,
-                 context_pool: bool = True, genre_pools: int = 2,
-                 eos_ids: Sequence[int] = (), stats: DareStats | None = None):
+                 context_pool: bool = True, genre_pools: int = 2, clusters: int = 0,
+                 router_fit_after: int = 0, eos_ids: Sequence[int] = (),
+                 stats: DareStats | None = None):
         if mode not in ("strict", "relaxed"):
             raise ValueError(f"DARE in the backend needs mode strict or relaxed, not {mode!r}")
         self.store = store
-        self.router = PromptRouter(tokenizer, store, genre_pools)
+        self.router = PromptRouter(tokenizer, store, genre_pools, clusters=clusters,
+                                   fit_after=router_fit_after)
         self.decoder = DareDecoder(model, store, mode, draft_len=draft_len, top_k=top_k,
                                    min_prob=min_prob, context_pool=context_pool,
                                    eos_token_ids=eos_ids, stats=stats)
@@ -43,7 +46,8 @@ class BackendDare:
         return cls(model, tokenizer, open_pools(settings), mode=settings.dare_mode,
                    draft_len=settings.dare_draft_len, top_k=settings.dare_top_k,
                    min_prob=settings.dare_min_prob, context_pool=bool(settings.dare_context_pool),
-                   genre_pools=settings.dare_genre_pools, eos_ids=eos_ids)
+                   genre_pools=settings.dare_genre_pools, clusters=settings.dare_clusters,
+                   router_fit_after=settings.dare_router_fit_after, eos_ids=eos_ids)
 
     @property
     def mode(self) -> str:

@@ -30,7 +30,7 @@ def check_settings(settings) -> None:
     for name in ("dare_top_k", "dare_clusters", "dare_max_ngram", "dare_pool_max_tokens"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"LIBER_{name.upper()}={getattr(settings, name)!r}: must be >= 1")
-    for name in ("dare_draft_len", "dare_genre_pools"):
+    for name in ("dare_draft_len", "dare_genre_pools", "dare_router_fit_after"):
         if getattr(settings, name) < 0:
             raise SettingsError(f"LIBER_{name.upper()}={getattr(settings, name)!r}: must be >= 0")
     if not 0 <= settings.dare_min_prob < 1:

@@ -11,7 +11,8 @@ chosen from what the prompt carries: the UIL prompts list the partition's items 
 `"Title" [Genre|Genre]`; the prompt part of a row (up to the chat template's assistant turn) is
 decoded once, its genres give the `genre:<g>` pools (top `genre_pools` groups) and, when the
 store holds a fitted router and its genre vocabulary (metadata `router` and `vocab`), the
-genre histogram of the partition picks the `cluster:<k>` pool. A row is recognised across steps
+genre histogram of the partition picks the `cluster:<k>` pool. Without one, the router fits
+itself on the first `router_fit_after` partitions it routes and stores the result. A row is recognised across steps
 by a hash of its prompt tokens; its own text is indexed as it grows (the context pool).
 
 Acceptance per pool: vLLM counts drafts and accepted tokens itself (its spec-decode metrics);
@@ -37,7 +38,7 @@ from typing import Sequence
 
 from llm_workers.dare.metrics import DareStats
 from llm_workers.dare.pools import PoolConfig, PoolStore
-from llm_workers.dare.routing import GLOBAL_POOL, PoolRouter, group_histogram, top_groups
+from llm_workers.dare.routing import GLOBAL_POOL, PoolRouter, group_histogram, kmeans, top_groups
 from llm_workers.dare.suffix_index import SuffixIndex
 
 PINNED_VLLM = "0.32.0"
@@ -64,7 +65,9 @@ class Shared:
             if self.router is None:
                 self.router = PromptRouter(tokenizer, self.store,
                                            int(self.config.get("genre_pools", 2)),
-                                           bool(self.config.get("global_pool", False)))
+                                           bool(self.config.get("global_pool", False)),
+                                           int(self.config.get("clusters", 0)),
+                                           int(self.config.get("router_fit_after", 0)))
             return self.router
 
 
@@ -113,13 +116,20 @@ def feed(key: str, prompt_ids: Sequence[int], output_ids: Sequence[int], tokeniz
 class PromptRouter:
     """Pool names from a prompt's token ids (see the module doc), cached per prompt."""
 
-    def __init__(self, tokenizer, store: PoolStore, genre_pools: int = 2, use_global: bool = False):
+    def __init__(self, tokenizer, store: PoolStore, genre_pools: int = 2, use_global: bool = False,
+                 clusters: int = 0, fit_after: int = 0):
         self.tokenizer = tokenizer
+        self.store = store
         self.genre_pools = genre_pools
         self.use_global = use_global
         meta, vocab = store.get_meta(ROUTER_META), store.get_meta(VOCAB_META)
         self.router = PoolRouter.from_meta(meta) if meta and vocab else None
         self.vocab = vocab
+        # With no stored router, the first `fit_after` partitions routed are kept and the
+        # user clusters are fitted on them (k-means over their genre histograms), then stored.
+        self.clusters, self.fit_after = clusters, fit_after
+        self._seen: list[list[list[str]]] = []
+        self._fit_lock = threading.Lock()
         marker = tokenizer.encode("<|im_start|>assistant", add_special_tokens=False) \
             if getattr(tokenizer, "chat_template", None) else []
         self.marker = marker
@@ -151,10 +161,28 @@ class PromptRouter:
         groups = [[g.strip() for g in m.group(1).split("|") if g.strip()]
                   for m in _ITEM.finditer(text)]
         names = []
+        if self.router is None and groups:
+            self._learn(groups)
         if self.router is not None and groups:
             names.append(f"cluster:{self.router.cluster(group_histogram(groups, self.vocab))}")
         names += [f"genre:{g}" for g in top_groups(groups, self.genre_pools)]
         return names
+
+    def _learn(self, groups: list[list[str]]) -> None:
+        if self.clusters < 1 or self.fit_after < 1:
+            return
+        with self._fit_lock:
+            if self.router is not None:
+                return
+            self._seen.append(groups)
+            if len(self._seen) < self.fit_after:
+                return
+            vocab = sorted({g for part in self._seen for item in part for g in item})
+            vectors = [group_histogram(part, vocab) for part in self._seen]
+            router = PoolRouter(kmeans(vectors, self.clusters, seed=0), self.genre_pools)
+            self.store.put_meta(VOCAB_META, vocab)
+            self.store.put_meta(ROUTER_META, router.to_meta())
+            self.vocab, self.router, self._seen = vocab, router, []
 
 
 def fingerprint(tokens: Sequence[int]) -> bytes:

@@ -71,3 +71,33 @@ def test_feed_stores_generations_in_the_routed_pools_and_they_persist(tokenizer,
     assert reopened.stats()["genre:Crime"]["sequences"] == 1
     assert reopened.draft(prompt[-4:] + answer[:3], ["genre:Crime"], 4).tokens == answer[3:7]
     reopened.close()
+
+
+def test_with_no_stored_router_the_clusters_are_fitted_on_the_first_partitions(tokenizer,
+                                                                             tmp_path):
+    path = str(tmp_path / "pools")
+    store = PoolStore(path)
+    pr = vllm_proposer.PromptRouter(tokenizer, store, genre_pools=1, clusters=2, fit_after=4)
+    crime = [Activity("Heat (1995) [Action|Crime|Thriller]", "rate", 5.0),
+             Activity("Se7en (1995) [Crime|Thriller]", "rate", 4.0)]
+    family = [Activity("Babe (1995) [Children's|Comedy]", "rate", 4.0),
+              Activity("Toy Story (1995) [Animation|Children's|Comedy]", "rate", 5.0)]
+    parts = [crime, family, crime[:1], family[1:]]
+    ids = [_ids(tokenizer, prompts.cascade_prompt(
+        p, context=None, context_kind=prompts.CONTEXT_NONE)) for p in parts]
+    assert [pr.pools(i) for i in ids[:3]] == [["genre:Crime"], ["genre:Children's"],
+                                             ["genre:Action"]]
+    assert store.get_meta(vllm_proposer.ROUTER_META) is None
+    fourth = pr.pools(ids[3])          # the fourth partition completes the sample: fitted
+    assert fourth[0].startswith("cluster:") and fourth[1:] == ["genre:Animation"]
+    assert len(store.get_meta(vllm_proposer.ROUTER_META)["centroids"]) == 2
+    assert "Thriller" in store.get_meta(vllm_proposer.VOCAB_META)
+    store.close()
+
+    # a restarted worker reads the stored clusters: crime and family partitions part ways
+    store = PoolStore(path)
+    again = vllm_proposer.PromptRouter(tokenizer, store, genre_pools=1, clusters=2, fit_after=4)
+    crime_cluster, family_cluster = (again.pools(i)[0] for i in ids[:2])
+    assert {crime_cluster, family_cluster} == {"cluster:0", "cluster:1"}
+    assert again.pools(ids[3])[0] == family_cluster == fourth[0]
+    store.close()
