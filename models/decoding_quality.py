@@ -2,13 +2,13 @@
 
 The same users, partitions and CTR samples are summarised twice by the batch UIL path
 (models.summaries_batch, the worker's prompts and backend): once with DARE strict, which is
-token-identical to plain greedy decoding (tested in tests/llm_workers/dare), so its answers are
-the greedy ones; once with DARE relaxed (top-k and probability floor of the settings). Then, per
+token-identical to plain greedy decoding (tests/llm_workers/test_backends_dare.py), so its
+answers are the greedy ones (and share their cache entries); once with DARE relaxed (top-k and probability floor of the settings). Then, per
 backbone and seed, two views of the AUC difference on the test users:
 
     swapped    one ranker trained on strict summaries, its test users scored once with their
                strict and once with their relaxed vectors: turning relaxed DARE on under a
-               deployed ranker. Training noise cancels, so this difference is precise.
+               deployed ranker. No retraining between the two sides: only the vectors change.
     retrained  a second ranker trained and tested on relaxed summaries, against the first (what
                `liber eval` compares): includes the seed-to-seed training noise.
 
@@ -114,7 +114,7 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 100, depth: int = 2, k
             "relaxed": f"DARE relaxed: top_k {settings.dare_top_k}, min_prob "
                        f"{settings.dare_min_prob}, draft_len {settings.dare_draft_len}",
             "swapped": "rankers trained on strict summaries; test users scored with strict and "
-                       "with relaxed vectors (training noise cancels)",
+                       "with relaxed vectors (the same ranker on both sides)",
             "retrained": "rankers trained and tested on relaxed summaries against the strict "
                          "ones (includes training noise)",
             "split": "by user 70/15/15 as in `liber eval`", "seeds": list(seeds),

@@ -12,8 +12,9 @@ chosen from what the prompt carries: the UIL prompts list the partition's items 
 decoded once, its genres give the `genre:<g>` pools (top `genre_pools` groups) and, when the
 store holds a fitted router and its genre vocabulary (metadata `router` and `vocab`), the
 genre histogram of the partition picks the `cluster:<k>` pool. Without one, the router fits
-itself on the first `router_fit_after` partitions it routes and stores the result. A row is recognised across steps
-by a hash of its prompt tokens; its own text is indexed as it grows (the context pool).
+itself on the first `router_fit_after` partitions it routes and stores the result. A row is
+recognised across steps by a hash of its prompt tokens; its own text is indexed as it grows
+(the context pool).
 
 Acceptance per pool: vLLM counts drafts and accepted tokens itself (its spec-decode metrics);
 the proposer also infers them at the next step from the tokens that were appended after its
