@@ -2,14 +2,14 @@
 
 The backend hands over a call's rendered prompts (token ids), each with its logits processors
 (repetition penalty, `LineGuide`); they are decoded together (`DareDecoder.generate_batch`).
-Here each request's pools are picked from what the prompt
-carries, with the same `PromptRouter` as the vLLM proposer (the items' `"Title" [Genre|...]`
-lines give `genre:` pools; a fitted router with its genre vocabulary in the store gives the
-`cluster:` pool, and with none stored the router fits itself on the first
-LIBER_DARE_ROUTER_FIT_AFTER partitions); `DareDecoder` decodes with the configured
-verification (`LIBER_DARE_MODE` strict or relaxed) judging each position on the processed scores; each finished generation is
-fed back into the pools it read. The pools live in RocksDB (LIBER_DARE_POOL_DIR, default
-STATE/dare-pools), so a restarted worker starts warm.
+Here each request's pools are picked from what the prompt carries, with the same `PromptRouter`
+as the vLLM proposer (the items' `"Title" [Genre|...]` lines give `genre:` pools; a fitted
+router with its genre vocabulary in the store gives the `cluster:` pool, and with none stored
+the router fits itself on the first LIBER_DARE_ROUTER_FIT_AFTER partitions); `DareDecoder`
+decodes with the configured verification (`LIBER_DARE_MODE` strict or relaxed) judging each
+position on the processed scores; each finished generation is fed back into the pools it read.
+The pools live in RocksDB (LIBER_DARE_POOL_DIR, default STATE/dare-pools), so a restarted worker
+starts warm.
 """
 from __future__ import annotations
 
