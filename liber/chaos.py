@@ -32,7 +32,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from liber import invariants
+from liber import invariants, machine
 from liber.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
@@ -422,7 +422,7 @@ def run(settings: Settings, faults=FAULTS, *, users: int = 10, per_user: int = 5
         stop_all()
         broker.stop(log=log)
     return {"faults": results, "ok": all(r["ok"] for r in results), "workdir": str(root),
-            "users": users, "per_user": per_user, "machine": _machine()}
+            "users": users, "per_user": per_user, "machine": machine.describe()}
 
 
 def soak_events(ratings: list, count: int, users: int | None = None) -> tuple[list, int]:
@@ -523,7 +523,7 @@ def soak(settings: Settings, seconds: float, rate: float, *, users: int | None =
         "stream_rss_slope_mb_per_min_first_half": per_min(first),
         "stream_rss_slope_mb_per_min_second_half": per_min(half),
         "load_avg_1m_median_during_replay": round(loads[len(loads) // 2], 2) if loads else None,
-        "samples": len(pipe.samples), "workdir": str(root), "machine": _machine(),
+        "samples": len(pipe.samples), "workdir": str(root), "machine": machine.describe(),
     }
 
 
@@ -536,10 +536,3 @@ def _slope(points: list[tuple[float, float]]) -> float:
     my = sum(y for _, y in points) / n
     var = sum((x - mx) ** 2 for x, _ in points)
     return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
-
-
-def _machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-                 "")
-    return {"cpus": os.cpu_count(), "cpu": model, "load_avg_1m": round(os.getloadavg()[0], 2)}

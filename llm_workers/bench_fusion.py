@@ -8,14 +8,13 @@ published, and reads the vectors back. Also times the interest model alone on th
 """
 from __future__ import annotations
 
-import os
-import platform
 import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from liber import machine
 from liber.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from streams.producer import BehaviorProducer
@@ -97,9 +96,7 @@ def run(settings: Settings, *, users: int = 300, depth: int = 3, seed: int = 0,
             model.user_vectors(inputs[i:i + batch])
         model_seconds = time.perf_counter() - t0
         return {
-            "benchmark": "fusion", "machine": {"cpus": os.cpu_count(), "cpu": platform.processor()
-                                               or platform.machine(),
-                                               "load_avg_1m": round(os.getloadavg()[0], 2)},
+            "benchmark": "fusion", "machine": machine.describe(),
             "artifact": {"kind": kind, "path": str(artifact), "version": model.version,
                          "dim": model.dim, "k": model.k},
             "users": users, "depth": depth, "summaries": len(summaries),

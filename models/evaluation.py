@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from typing import Callable
 
 import numpy as np
 
+from liber.machine import describe as describe_machine
 from models import training
 from models.training import SplitTensors, TrainConfig, auc, logloss
 
@@ -221,8 +221,7 @@ def _diagnostics(data) -> dict:
 
 def machine(load_start: dict, uptime_start: str) -> dict:
     """The machine and its load at the start (given) and now: figures are read against it."""
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "torch_threads": _torch_threads(), "load_at_start": load_start,
+    return {**describe_machine(), "torch_threads": _torch_threads(), "load_at_start": load_start,
             "load_at_end": load(), "uptime_at_start": uptime_start, "uptime_at_end": uptime()}
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from liber import machine
 from liber.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
@@ -117,13 +117,6 @@ def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
             proc.wait()
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
-
-
 def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
         timeout: float = 3600.0, log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="liber-bench-stream-"))
@@ -156,7 +149,7 @@ def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
                 "produce_events_per_s": round(produced.events / produced.seconds),
                 "topic_partitions": settings.topic_partitions,
                 "batch_size": settings.batch_size, "drift": settings.drift_threshold > 0,
-                "load_avg_1m": round(os.getloadavg()[0], 2), "machine": machine()}
+                "load_avg_1m": round(os.getloadavg()[0], 2), "machine": machine.describe()}
     finally:
         broker.stop(log=log)
         shutil.rmtree(work, ignore_errors=True)

@@ -35,13 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from liber import machine
 METHODS = {  # name: (mode, pools: "routed" | "global" | None)
     "plain": ("plain", None),
     "strict": ("strict", "routed"),
@@ -480,18 +480,9 @@ def _hf_generate(model, requests, max_new_tokens, eos, plain, repetition_penalty
 
 
 def _machine(device, torch) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "device": device, "torch": torch.__version__, "python": platform.python_version()}
-    if hasattr(os, "getloadavg"):
-        out["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    out = machine.describe()
+    out["load_avg_1m_at_end"] = out.pop("load_avg_1m", None)
+    out.update(torch_threads=torch.get_num_threads(), device=device, torch=torch.__version__)
     try:
         import transformers
         out["transformers"] = transformers.__version__
