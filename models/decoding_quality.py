@@ -1,10 +1,16 @@
 """`liber eval-dare`: does DARE's relaxed verification change what the ranker sees, and its AUC?
 
 The same users, partitions and CTR samples are summarised twice by the batch UIL path
-(models.summaries_batch, the worker's prompts and backend): once with DARE strict, which is
-token-identical to plain greedy decoding (tests/llm_workers/test_backends_dare.py), so its
-answers are the greedy ones (and share their cache entries); once with DARE relaxed (top-k and probability floor of the settings). Then, per
-backbone and seed, two views of the AUC difference on the test users:
+(models.summaries_batch, the worker's prompts and backend):
+
+    strict     plain greedy decoding, which DARE strict equals token for token
+               (tests/llm_workers/test_backends_dare.py); cached as usual.
+    relaxed    DARE relaxed (top-k and probability floor of the settings) with pools and a
+               summary cache of their own, new for each run: the pools are warmed only by this
+               run's relaxed answers, in order. (Pools holding the strict answers to the same
+               prompts would draft those answers back and make relaxed look like strict.)
+
+Then, per backbone and seed, two views of the AUC difference on the test users:
 
     swapped    one ranker trained on strict summaries, its test users scored once with their
                strict and once with their relaxed vectors: turning relaxed DARE on under a
@@ -17,21 +23,22 @@ Both come with paired statistics over the seeds and a bootstrap over test users.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from models import evaluation, training
+from models.summaries_batch import BatchSummariser, SummaryCache
 from models.training import Prepared, SplitTensors, TrainConfig, auc
 
 SOURCE = "cascade"
 
 
-def decoding_settings(settings):
-    """(strict, relaxed): the settings with DARE on in each verification mode."""
-    return (dataclasses.replace(settings, llm_dare=1, dare_mode="strict"),
-            dataclasses.replace(settings, llm_dare=1, dare_mode="relaxed"))
+def relaxed_settings(settings, pool_dir: str):
+    return dataclasses.replace(settings, llm_dare=1, dare_mode="relaxed", dare_pool_dir=pool_dir)
 
 
 def _tensors(data: Prepared, split: str, source: str) -> SplitTensors:
@@ -96,23 +103,30 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 100, depth: int = 2, k
         log: Callable[[str], object] = lambda m: None) -> dict:
     started = time.monotonic()
     load_start, uptime_start = evaluation.load(), evaluation.uptime()
-    prepared = {}
-    for mode, s in zip(("strict", "relaxed"), decoding_settings(settings)):
-        log(f"summaries with DARE {mode}")
-        prepared[mode] = training.prepare(
-            s, dataset=dataset, n_users=users, depth=depth, k=k, history_len=history_len,
-            data_seed=data_seed, sources=(SOURCE,), max_new_tokens=max_new_tokens,
-            batch_size=batch_size, log=log)
-    strict, relaxed = prepared["strict"], prepared["relaxed"]
+    common = dict(dataset=dataset, n_users=users, depth=depth, k=k, history_len=history_len,
+                  data_seed=data_seed, sources=(SOURCE,), max_new_tokens=max_new_tokens,
+                  batch_size=batch_size, log=log)
+    log("summaries, strict (plain greedy)")
+    strict = training.prepare(dataclasses.replace(settings, llm_dare=0), **common)
+    log("summaries, DARE relaxed (new pools, new cache)")
+    with tempfile.TemporaryDirectory(prefix="liber-eval-dare-") as work:
+        s = relaxed_settings(settings, str(Path(work) / "pools"))
+        summariser = BatchSummariser(s, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     cache=SummaryCache(Path(work) / "uil.sqlite"), log=log)
+        try:
+            relaxed = training.prepare(s, summariser=summariser, **common)
+        finally:
+            summariser.close()
     prepare_s = round(time.monotonic() - started, 1)
     return {
         "dataset": dataset,
         "protocol": {
             "summaries": f"{SOURCE} (batch UIL, the worker's prompts and backend), "
                          f"{depth} partitions per user, max_new_tokens {max_new_tokens}",
-            "strict": "DARE strict: token-identical to plain greedy, so the greedy answers",
+            "strict": "plain greedy (DARE strict is token-identical to it)",
             "relaxed": f"DARE relaxed: top_k {settings.dare_top_k}, min_prob "
-                       f"{settings.dare_min_prob}, draft_len {settings.dare_draft_len}",
+                       f"{settings.dare_min_prob}, draft_len {settings.dare_draft_len}; new "
+                       "pools warmed only by this run's relaxed answers, no cached answers",
             "swapped": "rankers trained on strict summaries; test users scored with strict and "
                        "with relaxed vectors (the same ranker on both sides)",
             "retrained": "rankers trained and tested on relaxed summaries against the strict "

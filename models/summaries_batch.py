@@ -134,6 +134,7 @@ class BatchSummariser:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self._backend = backend
+        self._owns_backend = backend is None
         self.cache = cache or SummaryCache(default_cache_path(settings))
         self.log = log
 
@@ -261,7 +262,10 @@ class BatchSummariser:
         return record
 
     def close(self) -> None:
+        """Closes the cache, and the backend when this summariser made it (DARE pools)."""
         self.cache.close()
+        if self._owns_backend and self._backend is not None:
+            self._backend.close()
 
 
 class _BackendId:
