@@ -62,8 +62,8 @@ def paired(diffs: list[float]) -> dict:
     return out
 
 
-def bootstrap_diff(labels: np.ndarray, users: np.ndarray, base: np.ndarray, other: np.ndarray,
-               rounds: int, seed: int = 0) -> dict:
+def bootstrap_diff(labels: np.ndarray, users: np.ndarray, base: np.ndarray,
+                   other: np.ndarray, rounds: int, seed: int = 0) -> dict:
     """AUC(other) - AUC(base) over test users resampled with replacement."""
     rng = np.random.default_rng(seed)
     ids = np.unique(users)
@@ -143,7 +143,7 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 40, depth: int = 2, k:
             lifts[backbone][variant] = {
                 "paired_over_seeds": paired(diffs),
                 "bootstrap_seed_averaged": bootstrap_diff(test.label, test.user, base_mean,
-                                                      other_mean, bootstrap)}
+                                                          other_mean, bootstrap)}
     counts = {
         "users": {name: len(ids) for name, ids in data.users.items()},
         "samples": {name: len(s) for name, s in data.splits.items()},

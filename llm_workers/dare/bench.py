@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from liber import machine
+
 METHODS = {  # name: (mode, pools: "routed" | "global" | None)
     "plain": ("plain", None),
     "strict": ("strict", "routed"),
