@@ -42,9 +42,8 @@ step "virtualenv $VENV"
 "$VENV/bin/python" --version
 
 step "python packages"
-# The connection to the registry can drop mid-download (seen: a 423 MB wheel cut at the same
-# byte six times): pip resumes and retries, and a failed install runs again (finished wheels
-# then come from pip's cache).
+# A wheel download can stop part way (seen once here, on a nearly full disk): pip resumes and
+# retries, and a failed install runs again (finished wheels then come from pip's cache).
 export PIP_RETRIES=10 PIP_RESUME_RETRIES=30 PIP_DEFAULT_TIMEOUT=60
 pip_install() {
   local try
