@@ -120,7 +120,10 @@ def test_cascade_collective_idempotence_and_restart(settings, start_worker):
         context=s["u1", 1].cascaded_summary, context_kind=prompts.CONTEXT_PREVIOUS,
         max_title_chars=settings.llm_max_title_chars,
         max_context_chars=settings.llm_max_summary_chars).sha256()
-    assert len(set(got["u2", 0])) == 1 and len(got["u2", 0]) == 2
+    # The redelivered u2 seq 0 gets the same bytes again. Input is at-least-once: one CI run in
+    # about ten also re-read the first run's u2 records after the restart (their offsets were
+    # not committed by then) and published a third copy, identical too. Identical is the rule.
+    assert len(set(got["u2", 0])) == 1 and len(got["u2", 0]) >= 2
 
 
 def test_failures_retry_then_dead_letter_without_holding_up_others(settings, start_worker):
