@@ -206,12 +206,25 @@ def cmd_eval(settings: Settings, args) -> int:
 
 def cmd_eval_dare(settings: Settings, args) -> int:
     from models.decoding_quality import run
+    try:
+        reference = dict(_name_value(v) for v in args.reference or ())
+        settings.replace_text(reference)            # refused before any work
+    except SettingsError as exc:
+        print(f"liber: invalid setting: {exc}", file=sys.stderr)
+        return 2
     result = run(settings, dataset=args.dataset, users=args.users, depth=args.depth, k=args.k,
                  seeds=tuple(range(args.seeds)), max_new_tokens=args.max_new_tokens,
-                 batch_size=args.llm_batch, epochs=args.epochs,
-                 log=lambda m: print(m, file=sys.stderr))
+                 batch_size=args.llm_batch, epochs=args.epochs, candidate=args.candidate,
+                 reference=reference, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise SettingsError(f"--reference {text!r}: must be NAME=VALUE")
+    return name.strip(), value.strip()
 
 
 def cmd_status(settings: Settings, args) -> int:
@@ -340,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "artifact (models/artifact.py)"),
                            ("eval", "CTR evaluation: backbones alone vs with UIF vectors "
                                     "(models/evaluation.py)"),
-                           ("eval-dare", "CTR AUC with DARE-strict vs DARE-relaxed summaries "
+                           ("eval-dare", "CTR AUC with plain vs DARE summaries "
                                          "(models/decoding_quality.py)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--dataset", default="ml-1m", choices=["ml-100k", "ml-1m"])
@@ -359,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=3, help="seeds per model")
             p.add_argument("--json", action="store_true", help="one line of JSON")
         if name == "eval-dare":
+            p.add_argument("--candidate", default="relaxed", choices=["relaxed", "strict"],
+                           help="DARE verification of the candidate side")
+            p.add_argument("--reference", action="append", metavar="NAME=VALUE",
+                           help="a setting of the reference side only, e.g. "
+                                "llm_repetition_penalty=1.15 (repeatable)")
             p.set_defaults(func=cmd_eval_dare)
         elif name == "eval":
             p.add_argument("--variants", default="base,liber,naive,item_text",

@@ -76,7 +76,7 @@ class Settings:
     llm_mode: str = field(default="cascade",
                           metadata={"help": "cascade (UIL) or naive (whole history each close, baseline)"})
     llm_max_new_tokens: int = field(default=160, metadata={"help": "answer length cap (tokens)"})
-    llm_repetition_penalty: float = field(default=1.15, metadata={"help": "1.0 disables"})
+    llm_repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 disables (the default; README: DARE)"})
     llm_batch_size: int = field(default=8, metadata={"help": "max partitions per LLM call"})
     llm_batch_wait_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
     llm_max_queue: int = field(default=256,
@@ -248,6 +248,18 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+    def replace_text(self, values: dict[str, str]) -> "Settings":
+        """`replace` with values written as in the environment: {"llm_dtype": "bfloat16"}
+        (names with or without the LIBER_ prefix, any case)."""
+        names = {f.name: f for f in fields(self)}
+        changes = {}
+        for key, text in values.items():
+            name = key.lower().removeprefix(ENV_PREFIX.lower())
+            if name not in names:
+                raise SettingsError(f"{key}: unknown setting")
+            changes[name] = _coerce(names[name], text)
+        return self.replace(**changes)
 
 
 def _coerce(f: dataclasses.Field, value: object) -> object:

@@ -19,8 +19,8 @@ Steps, all in one process on one device:
     and whether each row's tokens equal the one-at-a-time plain output.
 
 `--repetition-penalty P` applies the LLM worker's repetition penalty (HF's processor) to every
-method, as the worker's transformers backend does (`LIBER_LLM_REPETITION_PENALTY`, 1.15); the
-default 1.0 keeps plain greedy decoding.
+method, as the worker's transformers backend does with `LIBER_LLM_REPETITION_PENALTY` (default
+1.0, none; it was 1.15 before); the default 1.0 keeps plain greedy decoding.
 
 Timing: wall clock per request, prefill included (`tok_s`), plus decode-only and CPU-time
 figures; on CPU one torch thread by default (THREADS_NOTE). `strict_identical` compares strict
@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run plain, strict and relaxed with this many requests stepped "
                         "together (0: skip)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="repetition penalty for every method (the worker's backend uses 1.15)")
+                   help="repetition penalty for every method (LIBER_LLM_REPETITION_PENALTY)")
     p.add_argument("--partition-events", type=int, default=10, help="UBSP max_events for the bench")
     p.add_argument("--sample-users", type=int, default=600, help="users sampled from ML-1M")
     p.add_argument("--seed", type=int, default=7)

@@ -9,7 +9,9 @@ their pools, each in its own temporary state directory), the plain backend's ans
 give the measured partitions their previous profile; then the measured batches run
 round-robin over the three backends. Prints one JSON object: tok/s per backend (wall clock of
 the calls), speedups against plain, mean accepted draft length, answers equal to plain's, and
-whether every answer parses with the worker's parser.
+whether every answer parses with the worker's parser. `--reference-dtype float32` adds a fourth
+backend, plain in that dtype, in the same round-robin (e.g. bfloat16 runs against the float32
+worker), with each backend's speedup against it.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--partition-events", type=int, default=10)
     p.add_argument("--sample-users", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--reference-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="also run plain decoding in this dtype, as a reference")
     p.add_argument("--json", action="store_true", help="print JSON only (the default here)")
     args = p.parse_args(argv)
     print(json.dumps(run(args), indent=2))
@@ -65,18 +69,22 @@ def run(args) -> dict:
         kind = prompts.CONTEXT_PREVIOUS if previous else prompts.CONTEXT_NONE
         return prompts.cascade_prompt(acts, context=previous, context_kind=kind)
 
-    modes = ("plain", "strict", "relaxed")
+    modes = ("plain", "strict", "relaxed") + (("reference",) if args.reference_dtype else ())
     tmp = tempfile.TemporaryDirectory(prefix="dare-backend-bench-")
     made = {}
     try:
         for mode in modes:
+            dare = mode in ("strict", "relaxed")
             made[mode] = backends.create(base.replace(
-                state_dir=os.path.join(tmp.name, mode), llm_dare=int(mode != "plain"),
-                dare_mode=mode if mode != "plain" else "off"))
+                state_dir=os.path.join(tmp.name, mode), llm_dare=int(dare),
+                dare_mode=mode if dare else "off",
+                llm_dtype=args.reference_dtype if mode == "reference" else base.llm_dtype))
         warm_prompts = [prompt(part, None) for part in warm_parts]
         profiles = {}
         t = time.perf_counter()
         for mode, backend in made.items():
+            if mode == "reference":                 # nothing to warm, no profiles needed
+                continue
             for i in range(0, len(warm_prompts), args.batch):
                 gens = backend.generate(warm_prompts[i:i + args.batch], max_new)
                 if mode == "plain":
@@ -96,10 +104,12 @@ def run(args) -> dict:
                 answers[mode].extend(backend.generate(measured[i:i + args.batch], max_new))
                 wall[mode] += time.perf_counter() - t
         report = {"benchmark": "dare-backend", "prompts": len(measured), "warm": len(warm_parts),
-                  "batch": args.batch, "max_new_tokens": max_new,
+                  "batch": args.batch, "max_new_tokens": max_new, "dtype": base.llm_dtype,
+                  "reference_dtype": args.reference_dtype,
                   "repetition_penalty": base.llm_repetition_penalty,
                   "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "warm_s": round(warm_s, 1)}
-        plain_rate = sum(g.tokens_out for g in answers["plain"]) / wall["plain"]
+        rate = {m: sum(g.tokens_out for g in answers[m]) / wall[m] for m in modes}
+        plain_rate = rate["plain"]
         for mode, backend in made.items():
             tokens = sum(g.tokens_out for g in answers[mode])
             row = {"tokens": tokens, "seconds": round(wall[mode], 2),
@@ -109,6 +119,8 @@ def run(args) -> dict:
                                         zip(answers[mode], answers["plain"])),
                    "all_parse": all(_parses(prompts, p_, g) for p_, g in
                                     zip(measured, answers[mode]))}
+            if args.reference_dtype:
+                row["speedup_vs_reference"] = round(rate[mode] / rate["reference"], 3)
             if backend.dare is not None:
                 counts = backend.dare.decoder.stats.snapshot().get(mode, {})
                 drafts = sum(c["drafts"] for pool, c in counts.items() if pool != "*")

@@ -21,3 +21,10 @@ def test_config_prints_settings_with_secret_masked():
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["sasl_password"] == "***" and "s3cret" not in result.stdout
+
+
+def test_eval_dare_refuses_a_bad_reference_setting_before_any_work():
+    result = run("eval-dare", "--reference", "llm_dtype=int8")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("liber: invalid setting: LIBER_LLM_DTYPE='int8': must be "
+                                     "float32, bfloat16 or float16")

@@ -43,3 +43,14 @@ def test_secrets_are_masked_and_env_round_trips():
     assert settings.summary()["sasl_password"] == "***"
     assert settings.kafka_client_options()["sasl_plain_password"] == "hunter2"
     assert Settings.load(env=settings.to_env()) == settings
+
+
+def test_replace_text_takes_values_as_the_environment_writes_them():
+    s = Settings.load(env={})
+    new = s.replace_text({"LIBER_LLM_DTYPE": "bfloat16", "llm_repetition_penalty": "1.15"})
+    assert (new.llm_dtype, new.llm_repetition_penalty) == ("bfloat16", 1.15)
+    assert s.llm_dtype == "float32"                          # a copy
+    with pytest.raises(SettingsError, match="LIBER_LLM_DTYPE='int8'"):
+        s.replace_text({"llm_dtype": "int8"})
+    with pytest.raises(SettingsError, match="unknown setting"):
+        s.replace_text({"llm_nothing": "1"})

@@ -1,7 +1,7 @@
 """DARE inside the transformers backend (LIBER_LLM_DARE=1) on the real SmolLM2-135M-Instruct:
-strict output is the plain backend's output token for token (repetition penalty and LineGuide
-on), relaxed output keeps the labelled lines the worker parses, the pools grow with each call and
-come back when the backend is reopened on the same state directory."""
+strict output is the plain backend's output token for token (without and with a repetition
+penalty, LineGuide on), relaxed output keeps the labelled lines the worker parses, the pools grow
+with each call and come back when the backend is reopened on the same state directory."""
 from __future__ import annotations
 
 import os
@@ -67,6 +67,22 @@ def test_strict_is_the_plain_backend_output(plain, tmp_path):
         assert accepted > 0        # drafts were verified and kept: the identity is not vacuous
     finally:
         backend.close()
+
+
+def test_strict_is_the_plain_output_with_a_repetition_penalty(tmp_path):
+    """LIBER_LLM_REPETITION_PENALTY=1.15 (off by default) in both paths."""
+    penalty = dict(llm_repetition_penalty=1.15)
+    plain = backends.create(_settings(tmp_path / "plain", **penalty))
+    strict = backends.create(_settings(tmp_path / "strict", llm_dare=1, dare_mode="strict",
+                                       **penalty))
+    try:
+        assert plain.repetition_penalty == strict.repetition_penalty == 1.15
+        want = plain.generate(_prompts(), MAX_NEW)
+        got = strict.generate(_prompts(), MAX_NEW)
+        assert [g.text for g in got] == [w.text for w in want]
+    finally:
+        plain.close()
+        strict.close()
 
 
 def test_relaxed_keeps_the_labelled_lines(plain, tmp_path):

@@ -1,4 +1,4 @@
-"""The strict-vs-relaxed AUC harness on real MovieLens-100K data and real training; the
+"""The reference-vs-candidate AUC harness on real MovieLens-100K data and real training; the
 summaries are the partitions' own item text (no LLM), so the two sides are set up by hand."""
 import copy
 
@@ -26,17 +26,17 @@ def test_identical_summaries_give_identical_auc(data):
     result = _compare(data, copy.deepcopy(data))
     assert result["swapped"]["auc_diff_per_seed"] == [0.0]
     assert result["retrained"]["auc_diff_per_seed"] == [0.0]
-    assert result["auc_strict"] == result["swapped"]["auc_relaxed"] > 0.5
+    assert result["auc_reference"] == result["swapped"]["auc_candidate"] > 0.5
 
 
-def test_the_relaxed_side_is_scored_with_its_own_vectors(data):
+def test_the_candidate_side_is_scored_with_its_own_vectors(data):
     other = copy.deepcopy(data)
     matrix = other.matrices[SOURCE]
     rows = np.random.default_rng(0).permutation(np.arange(1, len(matrix)))  # row 0: padding
     other.matrices[SOURCE] = np.concatenate([matrix[:1], matrix[rows]])
     result = _compare(data, other)
     assert result["swapped"]["auc_diff_per_seed"][0] != 0.0
-    assert result["swapped"]["auc_relaxed"] != result["auc_strict"]
+    assert result["swapped"]["auc_candidate"] != result["auc_reference"]
 
 
 def test_data_from_other_users_is_refused(data):
