@@ -57,4 +57,3 @@ def test_failure_injector_and_registry(backend):
     with pytest.raises(backends.BackendError, match="LIBER_LLM_BACKEND"):
         backends.create(Settings.load(env={}, llm_backend="nope"))
     assert {"transformers", "failing"} <= set(backends.BACKENDS)
-
