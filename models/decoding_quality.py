@@ -118,7 +118,7 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 100, depth: int = 2, k
                   data_seed=data_seed, sources=(SOURCE,), max_new_tokens=max_new_tokens,
                   batch_size=batch_size, log=log)
     changes = dict(reference or {})
-    shown = "".join(f", {k}={v}" for k, v in changes.items())
+    shown = "".join(f", {name}={value}" for name, value in changes.items())
     log(f"summaries, reference (plain greedy{shown})")
     base = training.prepare(settings.replace_text(changes).replace(llm_dare=0), **common)
     log(f"summaries, candidate: DARE {candidate} (new pools, new cache)")
