@@ -27,7 +27,6 @@ Both come with paired statistics over the seeds and a bootstrap over test users.
 """
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ SOURCE = "cascade"
 
 
 def candidate_settings(settings, pool_dir: str, mode: str = "relaxed"):
-    return dataclasses.replace(settings, llm_dare=1, dare_mode=mode, dare_pool_dir=pool_dir)
+    return settings.replace(llm_dare=1, dare_mode=mode, dare_pool_dir=pool_dir)
 
 
 def _tensors(data: Prepared, split: str, source: str) -> SplitTensors:

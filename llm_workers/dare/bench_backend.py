@@ -108,13 +108,12 @@ def run(args) -> dict:
                   "reference_dtype": args.reference_dtype,
                   "repetition_penalty": base.llm_repetition_penalty,
                   "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "warm_s": round(warm_s, 1)}
-        rate = {m: sum(g.tokens_out for g in answers[m]) / wall[m] for m in modes}
-        plain_rate = rate["plain"]
+        tokens = {m: sum(g.tokens_out for g in answers[m]) for m in modes}
+        rate = {m: tokens[m] / wall[m] for m in modes}
         for mode, backend in made.items():
-            tokens = sum(g.tokens_out for g in answers[mode])
-            row = {"tokens": tokens, "seconds": round(wall[mode], 2),
-                   "tok_s": round(tokens / wall[mode], 2),
-                   "speedup": round(tokens / wall[mode] / plain_rate, 3),
+            row = {"tokens": tokens[mode], "seconds": round(wall[mode], 2),
+                   "tok_s": round(rate[mode], 2),
+                   "speedup": round(rate[mode] / rate["plain"], 3),
                    "same_as_plain": sum(a.text == b.text for a, b in
                                         zip(answers[mode], answers["plain"])),
                    "all_parse": all(_parses(prompts, p_, g) for p_, g in
