@@ -164,6 +164,9 @@ class LineGuide:
 
     def __call__(self, input_ids, scores):
         torch = self.torch
+        if self.ban_dirty.device != scores.device:    # built on the CPU; a GPU model's scores
+            self.ban_dirty = self.ban_dirty.to(scores.device)
+            self.ban_break = self.ban_break.to(scores.device)
         step = input_ids.shape[1] - self.prompt_len
         for i, row in enumerate(self.rows):
             if step > 0:

