@@ -168,10 +168,9 @@ class LineGuide:
             self.ban_dirty = self.ban_dirty.to(scores.device)
             self.ban_break = self.ban_break.to(scores.device)
         step = input_ids.shape[1] - self.prompt_len
-        latest = input_ids[:, -1].tolist() if step > 0 else None  # one read off the device
         for i, row in enumerate(self.rows):
             if step > 0:
-                self._advance(row, latest[i])
+                self._advance(row, int(input_ids[i, -1]))
             if not row["caps"]:
                 continue
             last = row["field"] + 1 >= len(row["caps"])

@@ -224,9 +224,8 @@ class DareDecoder:
         """`_verify` on processed scores: position i is processed with `seq[:, :n + i]` (the
         context, then the draft tokens before i), in order, stopping at the first rejection
         (see the module doc: a stateful processor must not see rejected tokens)."""
-        block = logits.to("cpu", torch.float32)    # one copy off the device for all positions
         for i in range(len(draft) + 1):
-            scores = processor(seq[:, :n + i], block[i:i + 1].clone())[0]
+            scores = processor(seq[:, :n + i], logits[i:i + 1].to(torch.float32, copy=True))[0]
             best = int(scores.argmax())
             if i == len(draft):
                 return i, best
@@ -265,10 +264,8 @@ class _Row:
         self.valid = len(prompt)           # the row's real tokens in the cache
         self.seq = None                    # prompt + generated (+ draft), for the processor
         if processor is not None:
-            # Processors run on the CPU: on a GPU their many small steps per verified position
-            # would each wait for the device.
             room = len(prompt) + max_new_tokens + (decoder.draft_len if drafting else 0) + 1
-            self.seq = torch.empty((1, room), dtype=torch.long)
+            self.seq = torch.empty((1, room), dtype=torch.long, device=decoder.device)
             self.seq[0, :len(prompt)] = torch.tensor(prompt)
         self.gen: Generation | None = None
         self.own = self.own_id = self.extra = None
@@ -278,7 +275,7 @@ class _Row:
         scores = logits
         if self.processor is not None:
             scores = self.processor(self.seq[:, :len(self.prompt)],
-                                    logits.to("cpu", torch.float32, copy=True))
+                                    logits.to(torch.float32, copy=True))
         self.last = int(scores[0].argmax())
         self.gen = Generation([self.last], [False], pools=list(self.pools))
         self.context = self.prompt + [self.last]
