@@ -16,12 +16,16 @@
 #
 # --pack DIR writes what a machine reachable only through small uploads (64 MiB each) needs,
 # in two loads: DIR/1 (first half of the GGUF, ml-1m.tar.xz) and DIR/2 (the second half, the
-# wheels of gguf, kafka-python and rocksdict for GPU_PYTHON, default 3.12), and prints the commands that rebuild them there. The float copy (517 MB) is
-# too big to ship; the GGUF (97 MB) converts to the same weights.
+# wheels of gguf, kafka-python and rocksdict for GPU_PYTHON, default 3.12), and prints the
+# commands that rebuild them there. The float copy (517 MB) is too big to ship; the GGUF
+# (97 MB) converts to the same weights.
 #
-# Runs `python -m llm_workers.dare.bench` twice: float32 (strict must stay identical to greedy)
-# and bfloat16, the second only when enough budget is left. Each run has its own timeout, so
-# the script always ends inside the budget and reports what finished.
+# Steps: `python -m llm_workers.dare.bench` in float32 (strict must stay identical to greedy,
+# transformers' generate() as a second baseline), `llm_workers.dare.bench_span` (one pass per
+# draft length), the bench again in bfloat16, and `llm_workers.dare.bench_backend` (the LLM
+# worker's own backend in bfloat16 against float32 plain), each while enough budget is left.
+# Each has its own timeout, so the script always ends inside the budget and reports what
+# finished: one JSON file per step under --out.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 PY=${PYTHON:-python3}
@@ -38,7 +42,7 @@ while [ $# -gt 0 ]; do
     --steps) STEPS="$2"; shift 2 ;;
     --pack) PACK="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "bench_dare.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,7 +82,8 @@ OUT_DIR=${OUT_DIR:-./gpu-bench-out}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export LIBER_HOME="${LIBER_HOME:-$(mktemp -d)}"      # nothing is written to the user's cache
+# A home of its own: nothing is written to the user's cache (the backend step links data/ there).
+LIBER_HOME=$(mktemp -d) && export LIBER_HOME && trap 'rm -rf "$LIBER_HOME"' EXIT
 
 if [ -n "$GGUF" ] && [ -z "$MODEL_DIR" ]; then
   MODEL_DIR="$LIBER_HOME/models/from-gguf"
