@@ -112,25 +112,27 @@ if not os.path.exists(os.path.join(model, "config.json")):
 import llm_workers.dare.bench  # the import-light bench path
 EOF
 
-run() {  # run NAME TIMEOUT ARGS...: `liber bench dare` into dare-NAME.json
-  local name=$1 limit=$2; shift 2
+step() {  # step NAME TIMEOUT LOG CMD...: CMD under TIMEOUT, its stderr added to LOG
+  local name=$1 limit=$2 log=$3; shift 3
   say "run $name (timeout ${limit}s)"
-  timeout --signal=TERM --kill-after=10 "$limit" "$PY" -m llm_workers.dare.bench \
-      --data-dir "$DATA_DIR" --model-dir "$MODEL_DIR" --device "$DEVICE" --verbose \
-      --out "$OUT_DIR/dare-$name.json" "$@" "${EXTRA[@]}" > "$OUT_DIR/dare-$name.log" 2>&1
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>> "$log"
   local rc=$?
-  if [ $rc -ne 0 ]; then say "run $name failed (exit $rc); last lines:"; tail -n 15 "$OUT_DIR/dare-$name.log" >&2; fi
+  if [ $rc -ne 0 ]; then say "run $name failed (exit $rc); last lines:"; tail -n 15 "$log" >&2; fi
   return $rc
+}
+
+run() {  # run NAME TIMEOUT ARGS...: `liber bench dare` into dare-NAME.json, its output in dare-NAME.log
+  local name=$1 limit=$2 log="$OUT_DIR/dare-$1.log"; shift 2
+  : > "$log"
+  step "$name" "$limit" "$log" "$PY" -m llm_workers.dare.bench \
+      --data-dir "$DATA_DIR" --model-dir "$MODEL_DIR" --device "$DEVICE" --verbose \
+      --out "$OUT_DIR/dare-$name.json" "$@" "${EXTRA[@]}" >> "$log"
 }
 
 module() {  # module NAME TIMEOUT MODULE ARGS...: a benchmark module printing JSON into NAME.json
   local name=$1 limit=$2 mod=$3; shift 3
-  say "run $name (timeout ${limit}s)"
-  LIBER_LLM_MODEL="$MODEL_DIR" LIBER_LLM_DEVICE="$DEVICE" timeout --signal=TERM --kill-after=10 \
-      "$limit" "$PY" -m "$mod" "$@" > "$OUT_DIR/$name.json" 2>> "$OUT_DIR/modules.log"
-  local rc=$?
-  if [ $rc -ne 0 ]; then say "run $name failed (exit $rc); last lines:"; tail -n 15 "$OUT_DIR/modules.log" >&2; fi
-  return $rc
+  step "$name" "$limit" "$OUT_DIR/modules.log" env LIBER_LLM_MODEL="$MODEL_DIR" \
+      LIBER_LLM_DEVICE="$DEVICE" "$PY" -m "$mod" "$@" > "$OUT_DIR/$name.json"
 }
 
 # Sized so that the float32 run (with transformers' generate() as a second baseline) ends in
