@@ -1,6 +1,6 @@
 """The metric catalogue: what the processes export, what the dashboards, alert rules and the
-README's table name, and that they agree (no panel or alert on a metric nobody exports, no
-exported metric missing from the README, no README row for a metric that does not exist)."""
+table in docs/operations.md name, and that they agree (no panel or alert on a metric nobody
+exports, no exported metric missing from that table, no row for a metric that does not exist)."""
 from __future__ import annotations
 
 import importlib
@@ -42,7 +42,7 @@ def declared_in_source() -> dict[str, str]:
 
 
 def families(exported: set[str]) -> set[str]:
-    """Metric family names as the README documents them (counters with _total, histograms
+    """Metric family names as docs/operations.md documents them (counters with _total, histograms
     without their _bucket/_sum/_count series)."""
     out = set()
     for name in exported:
@@ -124,10 +124,10 @@ def test_alert_rules_use_exported_metrics(exported):
             assert not unknown, f"{rule.get('alert') or rule['record']}: {sorted(unknown)}"
 
 
-def test_readme_documents_exactly_the_exported_metrics(exported):
-    readme = (ROOT / "README.md").read_text()
-    rows = [line.split("|")[1] for line in readme.splitlines() if line.startswith("| `liber_")]
+def test_operations_doc_documents_exactly_the_exported_metrics(exported):
+    table = (ROOT / "docs" / "operations.md").read_text()
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `liber_")]
     documented = {name for cell in rows for name in re.findall(r"`(liber_\w+)`", cell)}
     have = families(exported)
-    assert not have - documented, f"exported but not in the README's metric table: {sorted(have - documented)}"
-    assert not documented - have, f"in the README but not exported: {sorted(documented - have)}"
+    assert not have - documented, f"exported but not in docs/operations.md's metric table: {sorted(have - documented)}"
+    assert not documented - have, f"in docs/operations.md but not exported: {sorted(documented - have)}"
