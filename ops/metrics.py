@@ -16,6 +16,11 @@ EVENTS_PROCESSED = Counter("liber_events_processed_total",
 DEAD_LETTERED = Counter("liber_dead_lettered_total", "Records sent to a dead-letter topic",
                         ["topic", "reason"])
 PARTITIONS_CLOSED = Counter("liber_partitions_closed_total", "UBSP partitions closed", ["rule"])
+SEND_FAILED = Counter(
+    "liber_send_failed_total",
+    "Outputs and dead letters Kafka did not take, by topic meant and what was written instead "
+    "(cut: a bounded dead letter, headers: one without key and value, none: the worker stopped)",
+    ["topic", "fallback"])
 ITEMS_LOADED = Counter("liber_items_loaded_total", "Catalogue records stored in the items table")
 OPEN_CACHES = Gauge("liber_open_caches", "Users with a non-empty open cache on this worker")
 

@@ -6,10 +6,14 @@ dead-lettered with its reason instead of crashing Faust's deserializer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from dataclasses import dataclass
 
 import faust
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faust.sensors.monitor import Monitor
 from kafka.partitioner.default import murmur2
 
@@ -26,6 +30,42 @@ from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, dlq
 
 log = logging.getLogger("liber.stream")
 REPLAYED = "replayed"
+PROCESSING_ERROR = "processing_error"
+SEND_FAILED_REASON = "send_failed"
+SEND_ERROR = "liber.send.error"  # header: why the record in this dead letter's place failed
+SEND_ATTEMPTS = 3  # writes of one output or dead letter before a fallback takes its place
+# Faust's default; raised when max_payload_bytes asks more, since a closed partition may be
+# as large as max_payload_bytes (records.ClosedPartition.encode_within).
+PRODUCER_MAX_REQUEST = 1_000_000
+
+
+def producer_max_request(settings: Settings) -> int:
+    """What our producer accepts: a closed partition of max_payload_bytes plus key and headers."""
+    return max(PRODUCER_MAX_REQUEST, settings.max_payload_bytes + 64 * 1024)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers) -> int:
+    """The size aiokafka checks against max_request_size (it raises, synchronously, above it)."""
+    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers or [])
+
+
+class TooLargeForProducer(MessageSizeTooLargeError):
+    """Refused before sending: larger than our producer's max_request_size."""
+
+
+@dataclass
+class Outgoing:
+    """An output or dead letter sent for one input record, with what it takes to write it
+    again or set it aside (see make_durable in create_app)."""
+    future: asyncio.Future
+    topic: faust.topics.Topic
+    key: bytes | None
+    value: bytes | None
+    headers: list
+    source: tuple[str, int, int]  # the input record's topic, partition and offset
+    fallback: faust.topics.Topic  # where a dead letter takes its place
+    original: bytes | None  # the bytes a fallback dead letter describes
+    letter: tuple[str, str] | None = None  # (reason, detail) when this is a dead letter
 
 
 def faust_broker_options(settings: Settings) -> dict:
@@ -181,7 +221,15 @@ class TrackedTable(TrackedSends, faust.Table):
 
 
 class TrackedGlobalTable(TrackedSends, faust.GlobalTable):
-    pass
+    """`on_applied(keys)`: called with the keys of changelog records applied to the local store,
+    among them other workers' writes, which never pass through this worker's agent."""
+    on_applied = None
+
+    def apply_changelog_batch(self, batch) -> None:
+        batch = list(batch)
+        super().apply_changelog_batch(batch)
+        if self.on_applied is not None:
+            self.on_applied([event.message.key for event in batch])
 
 
 def consuming_options(settings: Settings) -> dict:
@@ -204,6 +252,7 @@ def create_app(settings: Settings) -> faust.App:
         # add to every batch's wait.
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
+        producer_max_request_size=producer_max_request(settings),
         **consuming_options(settings),
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -211,7 +260,9 @@ def create_app(settings: Settings) -> faust.App:
     behaviors = app.topic(settings.topic(BEHAVIORS), **raw)
     items = app.topic(settings.topic(ITEMS), **raw)
     closed_topic = app.topic(settings.topic(PARTITIONS_CLOSED), **raw)
-    dlqs = {name: app.topic(settings.topic(dlq(name)), **raw) for name in (BEHAVIORS, ITEMS)}
+    dlqs = {name: app.topic(settings.topic(dlq(name)), **raw)
+            for name in (BEHAVIORS, ITEMS, PARTITIONS_CLOSED)}
+    max_request = producer_max_request(settings)
 
     # Per agent (by input topic), the records it sent (outputs, dead letters, changelogs)
     # that Kafka may not have acknowledged yet: see make_durable.
@@ -246,14 +297,34 @@ def create_app(settings: Settings) -> faust.App:
     item_vectors = table(TrackedGlobalTable, drift_rule.ITEM_VECTORS_TABLE, ITEMS, **global_table)
     vectors = drift_rule.ItemVectors(drift_rule.Overlay(item_vectors))
 
+    def send(name: str, topic, key, value, headers, event, fallback, original,
+             letter=None) -> None:
+        """Queue a record; one our producer would refuse is not handed to Faust's producer
+        buffer (aiokafka raises there, which would stop the buffer): it fails at once and
+        make_durable sets it aside."""
+        if key is None and value is None:
+            value = b""  # aiokafka needs one of them (a dead letter of a bare tombstone)
+        size = record_size(key, value, headers)
+        if size > max_request:
+            future = asyncio.get_event_loop().create_future()
+            future.set_exception(TooLargeForProducer(
+                f"{size} bytes > the producer's max_request_size={max_request}"))
+        else:
+            future = topic.send_soon(key=key, value=value, headers=headers)
+        msg = event.message
+        sent[name].append(Outgoing(future, topic, key, value, headers or [],
+                                   (msg.topic, msg.partition, msg.offset), fallback, original,
+                                   letter))
+
     def dead_letter_send(name: str, event, reason: str, detail: str) -> None:
         msg = event.message
         metrics.DEAD_LETTERED.labels(topic=name, reason=reason).inc()
         logs.dead_letter(log, source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
                          reason=reason, detail=detail)
-        headers = dead_letter.headers(reason, detail, topic=msg.topic, partition=msg.partition,
-                                      offset=msg.offset)
-        sent[name].append(dlqs[name].send_soon(key=msg.key, value=msg.value, headers=headers))
+        value, headers = dead_letter.letter(msg.value, reason, detail, topic=msg.topic,
+                                            partition=msg.partition, offset=msg.offset)
+        send(name, dlqs[name], msg.key, value, headers, event, dlqs[name], msg.value,
+             (reason, detail))
 
     # Global-table reads probe every RocksDB partition; titles almost never change, so keep
     # the ones found in memory (bounded by the catalogue size).
@@ -273,6 +344,15 @@ def create_app(settings: Settings) -> faust.App:
             text = text_cache[item_id] = stored.decode("utf-8")
         return text
 
+    def forget_texts(keys) -> None:
+        """A title written by any worker replaces the one kept in memory (every worker keeps
+        its own cache; the items agent of only one of them sees the new record)."""
+        for key in keys:
+            if isinstance(key, (bytes, bytearray)):
+                text_cache.pop(key.decode("utf-8", "replace"), None)
+
+    item_text.on_applied = forget_texts
+
     def known_text(item_id: str) -> str | None:
         text = text_of(item_id)
         return None if text == f"item {item_id}" else text
@@ -283,36 +363,63 @@ def create_app(settings: Settings) -> faust.App:
         events = [PartitionEvent(event_id, item_id, action, ts, value, text_of(item_id))
                   for event_id, item_id, action, ts, value in closed.events]
         return ClosedPartition(closed.user_id, closed.seq, tuple(events), closed.start_ts,
-                               closed.end_ts, closed.reason).encode()
+                               closed.end_ts, closed.reason).encode_within(
+                                   settings.max_payload_bytes)
 
-    def send_partition(closed: partitioner.Closed, value: bytes) -> None:
-        sent[BEHAVIORS].append(closed_topic.send_soon(key=closed.user_id.encode(), value=value))
+    def send_partition(closed: partitioner.Closed, value: bytes, event) -> None:
+        send(BEHAVIORS, closed_topic, closed.user_id.encode(), value, None, event,
+             dlqs[PARTITIONS_CLOSED], value)
         metrics.PARTITIONS_CLOSED.labels(rule=closed.reason).inc()
 
-    def publish(closed: partitioner.Closed) -> None:
-        send_partition(closed, encode_partition(closed))
+    def publish(closed: partitioner.Closed, event) -> None:
+        send_partition(closed, encode_partition(closed), event)
+
+    def stops_worker(fun):
+        """An agent that fails outside its per-record guards stops the whole worker, non-zero,
+        so a supervisor restarts it: Faust alone logs the error and lives on without it."""
+        @functools.wraps(fun)
+        async def agent(stream):
+            try:
+                await fun(stream)
+            except Exception as exc:
+                log.exception("agent %s crashed: stopping the worker", fun.__name__)
+                await app.crash(exc)
+                raise
+        return agent
+
+    def item_of(event) -> tuple[Item, str] | None:
+        """The item of a record and its prompt text; None when it was dead-lettered."""
+        try:
+            item = decode(Item, event.message.value, key=event.message.key,
+                          max_bytes=settings.max_payload_bytes)
+            return item, item.text()
+        except InvalidRecord as exc:
+            dead_letter_send(ITEMS, event, exc.reason, exc.detail)
+        except Exception as exc:  # a bug must not stop the catalogue: park the record
+            log.exception("item processing failed")
+            dead_letter_send(ITEMS, event, PROCESSING_ERROR, repr(exc))
+        return None
 
     @app.agent(items)
+    @stops_worker
     async def load_items(stream):
         async for batch in batches(stream, 256):
             good = []
             for event in batch:
-                try:
-                    good.append((event, decode(Item, event.message.value, key=event.message.key,
-                                               max_bytes=settings.max_payload_bytes)))
-                except InvalidRecord as exc:
-                    dead_letter_send(ITEMS, event, exc.reason, exc.detail)
+                parsed = item_of(event)
+                if parsed is not None:
+                    good.append((event, *parsed))
             pending = stream.current_event
-            for event, item in good:  # titles first: behaviours processed meanwhile see them
+            for event, item, text in good:  # titles first: behaviours processed meanwhile see them
                 stream._set_current_event(event)
-                item_text[item.item_id.encode()] = item.text().encode("utf-8")
+                item_text[item.item_id.encode()] = text.encode("utf-8")
                 text_cache.pop(item.item_id, None)
                 metrics.ITEMS_LOADED.inc()
             stream._set_current_event(pending)
             if drift is not None:  # batched encodes of new or changed titles, off the loop
-                await vectors.put_texts_off_loop({item.item_id: item.text() for _, item in good})
+                await vectors.put_texts_off_loop({item.item_id: text for _, item, text in good})
                 pending = stream.current_event
-                for event, item in good:
+                for event, item, _ in good:
                     stream._set_current_event(event)
                     key = item.item_id.encode()
                     value = vectors.store.get(key)
@@ -336,7 +443,7 @@ def create_app(settings: Settings) -> faust.App:
                 continue
             except Exception as exc:  # a bug must not stop the agent: park the record
                 log.exception("processing failed")
-                dead_letter_send(BEHAVIORS, event, "processing_error", repr(exc))
+                dead_letter_send(BEHAVIORS, event, PROCESSING_ERROR, repr(exc))
                 continue
             processed[outcome] += 1
         metrics.EVENTS_IN.inc(len(batch))
@@ -373,21 +480,96 @@ def create_app(settings: Settings) -> faust.App:
             state["offset"] = offset
             touched[key] = (state, event)
             for part, value in zip(closed, values):
-                send_partition(part, value)
+                send_partition(part, value, event)
         return outcome
 
     async def make_durable(pending: list) -> None:
         """Wait until Kafka has acknowledged every record sent so far. Each send's own future
         is awaited: Faust's flush gives up after 0.1 s, and its buffer looks empty while the
-        last record taken from it is still on its way into the Kafka client. A failed send
-        stops the worker (offsets past it are never committed; a restart redoes the batch)."""
-        try:
-            await asyncio.gather(*pending)
-        except Exception as exc:
-            log.error("a record could not be written to Kafka: %r; stopping", exc)
-            await app.crash(exc)
-            raise
-        pending.clear()
+        last record taken from it is still on its way into the Kafka client. An output or dead
+        letter that fails goes to `write_anyway`: one record Kafka refuses must not stop the
+        worker at every start. A failed changelog record stops the worker (offsets past it
+        are never committed; a restart redoes the batch)."""
+        taken = pending[:]
+        results = await asyncio.gather(
+            *(p.future if isinstance(p, Outgoing) else p for p in taken), return_exceptions=True)
+        for entry, result in zip(taken, results):
+            if not isinstance(result, BaseException):
+                continue
+            if isinstance(entry, Outgoing):
+                await write_anyway(entry, result)
+            else:
+                log.error("a changelog record could not be written to Kafka: %r; stopping",
+                          result)
+                await app.crash(result)
+                raise result
+        del pending[:len(taken)]
+
+    async def write_now(topic, key, value, headers) -> None:
+        if key is None and value is None:
+            value = b""
+        size = record_size(key, value, headers)
+        if size > max_request:
+            raise TooLargeForProducer(
+                f"{size} bytes > the producer's max_request_size={max_request}")
+        await topic.send_soon(key=key, value=value, headers=headers)
+
+    async def write_anyway(out: Outgoing, error: BaseException) -> None:
+        """Write an output or dead letter Kafka did not acknowledge, or set it aside.
+
+        The record is written once more on its own (the broker refuses a whole batch when one
+        record in it is too large), and again while the error is retriable (SEND_ATTEMPTS
+        writes in all, with a short backoff). Then, or at once when it is larger than our
+        producer accepts, a dead letter takes the record's place, in the source topic's
+        dead-letter topic (partitions.closed.dlq for a closed partition), with reason
+        `send_failed` for an output or the dead letter's own reason, and the error in the
+        `liber.send.error` header:
+        1. cut: the record's bytes bounded by dead_letter.letter() (skipped for a dead letter,
+           which already was);
+        2. headers only: no key, an empty value; the reason, the input record's coordinates and the
+           length and sha256 of the bytes remain, so the record is found in its source topic.
+        Each step is logged with the input record's coordinates and counted in
+        liber_send_failed_total{topic, fallback}; then the worker goes on. Only when even 2.
+        fails (Kafka takes nothing) does it stop, before the batch is acked: nothing is
+        committed past the record, and a restart redoes the batch."""
+        name = out.topic.get_topic_name()
+        src_topic, partition, offset = out.source
+        for attempt in range(1, SEND_ATTEMPTS):
+            if isinstance(error, TooLargeForProducer) or attempt > 1 and not (
+                    getattr(error, "retriable", False) or isinstance(error, asyncio.TimeoutError)):
+                break  # the first retry is always made: the broker refuses whole batches
+            log.warning("write to %s for %s@%d:%d failed (%r): retrying", name, src_topic,
+                        partition, offset, error)
+            await asyncio.sleep(0.2 * 2 ** attempt)
+            try:
+                return await write_now(out.topic, out.key, out.value, out.headers)
+            except Exception as exc:
+                error = exc
+        reason, detail = out.letter or (SEND_FAILED_REASON, f"not written to {name}")
+        steps = [("headers", 0)] if out.letter else [("cut", dead_letter.MAX_VALUE), ("headers", 0)]
+        for fallback, limit in steps:
+            value, headers = dead_letter.letter(out.original, reason, detail, topic=src_topic,
+                                                partition=partition, offset=offset, limit=limit)
+            headers.append((SEND_ERROR, repr(error)[:dead_letter.MAX_DETAIL].encode()))
+            key = out.key if limit else None
+            log.error("%s for %s@%d:%d could not be written to %s: %r; a dead letter (%s) "
+                      "takes its place", "dead letter" if out.letter else "output", src_topic,
+                      partition, offset, name, error, fallback)
+            try:
+                await write_now(out.fallback, key, value, headers)
+            except Exception as exc:
+                error = exc
+                continue
+            metrics.SEND_FAILED.labels(topic=name, fallback=fallback).inc()
+            if out.letter is None:
+                metrics.DEAD_LETTERED.labels(topic=PARTITIONS_CLOSED,
+                                             reason=SEND_FAILED_REASON).inc()
+            return
+        metrics.SEND_FAILED.labels(topic=name, fallback="none").inc()
+        log.error("no dead letter for %s@%d:%d could be written (%r): stopping", src_topic,
+                  partition, offset, error)
+        await app.crash(error)
+        raise error
 
     def sweep_quiet(batch, touched: dict) -> None:
         """Close caches of users who went quiet on the partitions this batch advanced."""
@@ -401,7 +583,7 @@ def create_app(settings: Settings) -> faust.App:
                     continue
                 closed = partitioner.sweep(state, key.decode(), quiet.watermark[partition], rules)
                 if closed:
-                    publish(closed)
+                    publish(closed, event)
                     touched[key] = (state, event)
                     quiet.track(partition, key, state)
 
@@ -416,6 +598,7 @@ def create_app(settings: Settings) -> faust.App:
                 quiet.track(partition, key, state)
 
     @app.agent(behaviors)
+    @stops_worker
     async def ubsp(stream):
         indexed = None  # the consumer generation the quiet index was built for
         async for batch in batches(stream, settings.batch_size):

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from liber.settings import Settings
 from streams import dead_letter, partitioner
-from streams.records import ACTIONS, MAX_ID_LEN
+from streams.records import ACTIONS, MAX_ID_LEN, MAX_TEXT_LEN
 from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, create_topics, dlq
 
 log = logging.getLogger("liber.backfill")
@@ -249,15 +249,24 @@ def partition_histories(table: pa.Table, rules: partitioner.CloseRules, drift=No
     return states
 
 
-def partition_value(part: partitioner.Closed, text_of: Callable[[str], str]) -> bytes:
+def partition_value(part: partitioner.Closed, text_of: Callable[[str], str], *,
+                    max_bytes: int | None = None) -> bytes:
     """The `partitions.closed` value of a partition: the bytes of records.ClosedPartition.encode()
-    (same keys, order and separators), built without dataclasses.asdict's deep copies."""
+    (same keys, order and separators), built without dataclasses.asdict's deep copies. With
+    `max_bytes` (the worker's max_payload_bytes), the bytes of `encode_within(max_bytes)`: what
+    the worker would publish for the same partition."""
     events = [{"event_id": e[0], "item_id": e[1], "action": e[2], "ts": e[3], "value": e[4],
                "text": text_of(e[1])} for e in part.events]
     record = {"schema": "partition/1", "user_id": part.user_id, "seq": part.seq, "events": events,
               "start_ts": part.start_ts, "end_ts": part.end_ts, "reason": part.reason}
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+    raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"),
+                     allow_nan=False).encode("utf-8")
+    if max_bytes is None or (len(raw) <= max_bytes and
+                             all(len(e["text"]) <= MAX_TEXT_LEN for e in events)):
+        return raw
+    from streams.records import ClosedPartition, PartitionEvent
+    return ClosedPartition(part.user_id, part.seq, tuple(PartitionEvent(**e) for e in events),
+                           part.start_ts, part.end_ts, part.reason).encode_within(max_bytes)
 
 
 def state_value(state: dict) -> bytes:
@@ -410,6 +419,11 @@ def _aiokafka_options(settings: Settings) -> dict:
 async def _produce(settings: Settings, records) -> int:
     """Send (topic, partition or None, key, value, headers) tuples; waits for every ack.
 
+    A dead letter (headers with a reason) that Kafka refuses is written again without key, with
+    an empty value (its headers keep the row's coordinates, length and sha256). Any other record that
+    fails is logged with its topic, partition and key, and the run raises after all were
+    tried: re-running the file is harmless.
+
     aiokafka, not kafka-python: its C record builder checksums batches ~200x faster than
     kafka-python's pure-Python crc32c, which would dominate a million-event backfill."""
     from aiokafka import AIOKafkaProducer
@@ -422,12 +436,40 @@ async def _produce(settings: Settings, records) -> int:
     await producer.start()
     try:
         futures = []
-        for topic, partition, key, value, headers in records:
-            futures.append(await producer.send(topic, value, key=key, partition=partition,
-                                               headers=headers))
+        for record in records:
+            topic, partition, key, value, headers = record
+            try:
+                fut = await producer.send(topic, value, key=key, partition=partition,
+                                          headers=headers)
+            except Exception as exc:  # e.g. larger than max_request_size: raised at once
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_exception(exc)
+            futures.append((record, fut))
         await producer.flush()
-        for fut in futures:
-            fut.result()  # raises the send error, if any
+        failed = []
+        for record, fut in futures:
+            try:
+                await fut
+            except Exception as exc:
+                failed.append((record, exc))
+        lost = 0
+        for (topic, partition, key, value, headers), exc in failed:
+            if dead_letter.REASON in dict(headers or ()):
+                bare = [h for h in headers if h[0] != dead_letter.TRUNCATED]
+                bare.append((dead_letter.TRUNCATED, b"1"))
+                log.error("backfill dead letter to %s refused (%r): written without its value",
+                          topic, exc)
+                try:
+                    await (await producer.send(topic, b"", partition=partition, headers=bare))
+                    continue
+                except Exception as again:
+                    exc = again
+            lost += 1
+            log.error("backfill record to %s (partition %s, key %r) could not be written: %r",
+                      topic, partition, (key or b"")[:100], exc)
+        if lost:
+            raise RuntimeError(f"{lost} of {len(futures)} backfill records could not be written "
+                               "to Kafka (see the log); re-running the file is harmless")
         return len(futures)
     finally:
         await producer.stop()
@@ -511,8 +553,8 @@ def run(settings: Settings, path: str | Path, *, force: bool = False, items: boo
         return texts.get(item_id) or f"item {item_id}"
 
     def on_closed(part: partitioner.Closed) -> None:
-        out.append((closed_topic, None, part.user_id.encode("utf-8"), partition_value(part, text_of),
-                    []))
+        out.append((closed_topic, None, part.user_id.encode("utf-8"),
+                    partition_value(part, text_of, max_bytes=settings.max_payload_bytes), []))
 
     states = partition_histories(table, rules, drift_rule, on_closed, result)
     if states:
@@ -524,9 +566,11 @@ def run(settings: Settings, path: str | Path, *, force: bool = False, items: boo
     for row, reason, index in zip(rejected_rows, bad_reasons, bad_index):
         value = json.dumps({"schema": "behavior/1", **row}, default=str).encode("utf-8")
         key = row["user_id"].encode("utf-8") if row.get("user_id") else None
-        dead.append((settings.topic(dlq(BEHAVIORS)), None, key, value,
-                     dead_letter.headers(reason, "backfill row rejected", topic=source,
-                                         partition=-1, offset=index)))
+        if key is not None and len(key) > 4 * MAX_ID_LEN:  # an oversize id: its row keeps it
+            key = None
+        value, headers = dead_letter.letter(value, reason, "backfill row rejected", topic=source,
+                                            partition=-1, offset=index)
+        dead.append((settings.topic(dlq(BEHAVIORS)), None, key, value, headers))
     n_state = n_partitions[behaviors]
     state_records = [(state_topic, key_partition(user.encode("utf-8"), n_state),
                       user.encode("utf-8"), state_value(state), [])

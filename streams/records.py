@@ -165,6 +165,36 @@ def decode(cls: type[Record], raw: bytes | None, *, key: bytes | None = None,
     return record
 
 
+def _dumps(data: dict) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+def _json_cost(char: str) -> int:
+    """Bytes a character takes inside a JSON string as `_dumps` writes it."""
+    if char in '"\\' or ord(char) < 32:
+        return len(json.dumps(char)) - 2
+    return len(char.encode("utf-8", "surrogatepass"))
+
+
+def _cut(text: str, max_len: int) -> str:
+    return text if len(text) <= max_len else text[:max_len - 1] + "\u2026"
+
+
+def _cut_bytes(text: str, costs: list[int], budget: int) -> str:
+    """The longest prefix of `text` plus an ellipsis (3 bytes) within `budget` JSON bytes."""
+    if budget < 3:
+        return ""
+    used, end = 3, 0
+    for end, cost in enumerate(costs):
+        if used + cost > budget:
+            break
+        used += cost
+    else:
+        return text
+    return text[:end] + "\u2026"
+
+
 # --- topic records --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BehaviorEvent(Record):
@@ -223,12 +253,58 @@ class Item(Record):
     @classmethod
     def from_dict(cls, data: dict) -> "Item":
         return cls(item_id=_str(data, "item_id"), title=_str(data, "title", max_len=MAX_TEXT_LEN),
-                   attributes=_dict(data, "attributes"))
+                   attributes=_attributes(_dict(data, "attributes")))
 
     def text(self) -> str:
-        """Prompt text: title plus attributes, e.g. `Heat (1995) [Action|Crime]`."""
+        """Prompt text: title plus attributes, e.g. `Heat (1995) [Action|Crime]`; at most
+        MAX_TEXT_LEN characters (a long title is cut, the genres kept), the cap a closed
+        partition puts on each event's text."""
         genres = self.attributes.get("genres")
-        return f"{self.title} [{'|'.join(genres)}]" if genres else self.title
+        if not genres:
+            return self.title
+        tail = f" [{'|'.join(genres)}]"
+        if len(self.title) + len(tail) <= MAX_TEXT_LEN:
+            return self.title + tail
+        room = MAX_TEXT_LEN - len(tail) - 1
+        if room > 0:
+            return self.title[:room] + "…" + tail
+        return (self.title + tail)[:MAX_TEXT_LEN - 1] + "…"
+
+
+MAX_GENRES = 32
+_GENRE_SEPARATORS = frozenset("|[]")  # the prompt text's own syntax (see Item.text)
+
+
+def _attributes(attributes: dict) -> dict:
+    """Item attributes by type: `genres` a list of short strings (they are joined into the
+    prompt text), every other value a JSON scalar or a list of scalars."""
+    for name, value in attributes.items():
+        if name == "genres":
+            if value is None:
+                continue
+            if not isinstance(value, list):
+                raise InvalidRecord("wrong_type", f"attributes.genres must be a list of strings, "
+                                                  f"got {type(value).__name__}")
+            if len(value) > MAX_GENRES:
+                raise InvalidRecord("invalid_value", f"attributes.genres has more than "
+                                                     f"{MAX_GENRES} entries")
+            for genre in value:
+                if not isinstance(genre, str):
+                    raise InvalidRecord("wrong_type", f"attributes.genres must hold strings, "
+                                                      f"got {type(genre).__name__}")
+                _str({"genre": genre}, "genre", max_len=64)
+                if _GENRE_SEPARATORS.intersection(genre):
+                    raise InvalidRecord("invalid_value", "a genre must not contain | [ or ]")
+        elif isinstance(value, list):
+            if not all(_scalar(v) for v in value):
+                raise InvalidRecord("wrong_type", f"attributes.{name} must hold JSON scalars")
+        elif not _scalar(value):
+            raise InvalidRecord("wrong_type", f"attributes.{name} must be a scalar or a list")
+    return attributes
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 @dataclass(frozen=True)
@@ -261,6 +337,28 @@ class ClosedPartition(Record):
                 "events": [{"event_id": e.event_id, "item_id": e.item_id, "action": e.action,
                             "ts": e.ts, "value": e.value, "text": e.text} for e in self.events],
                 "start_ts": self.start_ts, "end_ts": self.end_ts, "reason": self.reason}
+
+    def encode_within(self, max_bytes: int) -> bytes:
+        """`encode()`, with event texts cut so that the record fits `max_bytes` (the
+        consumers' max_payload_bytes) and each text MAX_TEXT_LEN characters: a partition of
+        max_events events with the longest titles must still reach the LLM worker. Each text
+        gets an equal share of the room the rest of the record leaves; the cut is a pure
+        function of the partition, so a re-published partition has the same bytes. Only when
+        even empty texts do not fit (ids alone too large for max_events) is it left larger."""
+        texts = [_cut(e.text, MAX_TEXT_LEN) for e in self.events]
+        data = self.to_dict()
+        for event, text in zip(data["events"], texts):
+            event["text"] = text
+        raw = _dumps(data)
+        if len(raw) <= max_bytes:
+            return raw
+        costs = [[_json_cost(c) for c in text] for text in texts]
+        room = max_bytes - (len(raw) - sum(sum(c) for c in costs))  # bytes left for all texts
+        share = max(0, room) // max(1, len(texts))
+        for event, text, cost in zip(data["events"], texts, costs):
+            if sum(cost) > share:
+                event["text"] = _cut_bytes(text, cost, share)
+        return _dumps(data)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClosedPartition":

@@ -9,8 +9,9 @@ from liber.settings import Settings
 
 
 def read_topic(settings: Settings, logical: str, *, expect: int | None = None,
-               timeout: float = 60.0, idle: float = 2.0) -> list:
-    """All records of a topic from the beginning: until `expect` arrived, or `idle` seconds
+               timeout: float = 60.0, idle: float = 2.0, settle: float = 0.5) -> list:
+    """All records of a topic from the beginning: until `expect` arrived and then `settle`
+    seconds pass without a new one (so an exact count sees extra records), or `idle` seconds
     pass without a new one (when `expect` is None), or `timeout`."""
     name = settings.topic(logical)
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
@@ -33,7 +34,8 @@ def read_topic(settings: Settings, logical: str, *, expect: int | None = None,
             for recs in batch.values():
                 records.extend(recs)
                 last_new = time.monotonic()
-            if expect is not None and len(records) >= expect:
+            if expect is not None and len(records) >= expect and \
+                    time.monotonic() - last_new > settle:
                 break
             if expect is None and time.monotonic() - last_new > idle:
                 break

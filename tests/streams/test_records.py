@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from streams.records import (BehaviorEvent, ClosedPartition, InterestVector, InvalidRecord, Item,
-                             PartitionEvent, Summary, decode)
+from streams.records import (MAX_ID_LEN, MAX_TEXT_LEN, BehaviorEvent, ClosedPartition,
+                             InterestVector, InvalidRecord, Item, PartitionEvent, Summary, decode)
 
 
 def test_every_record_type_round_trips():
@@ -72,3 +72,65 @@ def test_interest_vector_dim_must_match():
 def test_item_text_includes_genres():
     assert Item("1", "Heat (1995)", {"genres": ["Action"]}).text() == "Heat (1995) [Action]"
     assert Item("2", "Untitled").text() == "Untitled"
+
+
+@pytest.mark.parametrize("attributes, reason", [
+    ({"genres": 5}, "wrong_type"),             # used to crash the items agent in Item.text()
+    ({"genres": "Drama"}, "wrong_type"),       # used to be joined letter by letter
+    ({"genres": ["Drama", 7]}, "wrong_type"),
+    ({"genres": ["Drama|Crime"]}, "invalid_value"),
+    ({"genres": [""]}, "invalid_value"),
+    ({"genres": ["G" * 65]}, "oversize"),
+    ({"genres": [f"g{i}" for i in range(40)]}, "invalid_value"),
+    ({"year": {"from": 1995}}, "wrong_type"),
+    ({"tags": [["nested"]]}, "wrong_type"),
+])
+def test_item_attributes_are_validated_by_type(attributes, reason):
+    raw = json.dumps({"schema": "item/1", "item_id": "i1", "title": "Heat",
+                      "attributes": attributes}).encode()
+    with pytest.raises(InvalidRecord) as err:
+        decode(Item, raw, key=b"i1")
+    assert err.value.reason == reason
+
+
+def test_valid_item_attributes_are_kept():
+    attributes = {"genres": ["Action", "Crime"], "year": 1995, "rating": 8.2, "tags": ["a", 1],
+                  "sequel": None, "genres_extra": True}
+    item = decode(Item, Item("i1", "Heat", attributes).encode(), key=b"i1")
+    assert item.attributes == attributes and item.text() == "Heat [Action|Crime]"
+
+
+def longest_event(n: int, text: str) -> PartitionEvent:
+    wide = "\U0001d11e"  # 4 bytes in UTF-8: the widest a valid id can be
+    return PartitionEvent(f"{n:04d}" + wide * (MAX_ID_LEN - 4), f"{n:04d}" + wide * (MAX_ID_LEN - 4),
+                          "purchase", 1.5e9 + n, -1.2345678901234567e-300, text)
+
+
+def test_a_longest_title_with_genres_fits_a_partition_event():
+    genres = ["Action", "Adventure", "Comedy", "Drama"]
+    text = Item("i1", "T" * MAX_TEXT_LEN, {"genres": genres}).text()
+    assert len(text) <= MAX_TEXT_LEN and text.endswith(" [Action|Adventure|Comedy|Drama]")
+    part = ClosedPartition("u1", 0, (longest_event(0, text),), 1.5e9, 1.5e9, "max_events")
+    assert decode(ClosedPartition, part.encode(), key=b"u1").events[0].text == text
+
+
+def test_a_partition_of_max_events_longest_events_fits_the_payload_limit():
+    """Defaults of the settings: max_events events with the longest ids and titles of the
+    widest characters (and JSON escapes) are cut to fit max_payload_bytes, deterministically."""
+    from tests.conftest import base_settings
+    settings = base_settings()
+    title = ('\U0001d11e"\\' * MAX_TEXT_LEN)[:MAX_TEXT_LEN]
+    text = Item("i1", title, {"genres": ["Drama", "Sci-Fi"]}).text()
+    events = tuple(longest_event(n, text) for n in range(settings.max_events))
+    part = ClosedPartition("u" * MAX_ID_LEN, 10**9, events, 1.5e9, 1.6e9, "max_events")
+    assert len(part.encode()) > settings.max_payload_bytes  # the case to handle
+    raw = part.encode_within(settings.max_payload_bytes)
+    assert len(raw) <= settings.max_payload_bytes
+    assert raw == part.encode_within(settings.max_payload_bytes)
+    got = decode(ClosedPartition, raw, key=part.user_id.encode(),
+                 max_bytes=settings.max_payload_bytes)
+    assert [e.event_id for e in got.events] == [e.event_id for e in events]
+    assert all(e.text and text.startswith(e.text[:-1]) for e in got.events)
+    small = ClosedPartition("u1", 0, (PartitionEvent("e", "i", "rate", 1.0, None, "Heat"),),
+                            1.0, 1.0, "max_gap")
+    assert small.encode_within(settings.max_payload_bytes) == small.encode()
