@@ -77,6 +77,13 @@ class Settings:
                           metadata={"help": "cascade (UIL) or naive (whole history each close, baseline)"})
     llm_max_new_tokens: int = field(default=160, metadata={"help": "answer length cap (tokens)"})
     llm_repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 disables (the default; README: DARE)"})
+    llm_template: str = field(
+        default="uil-compact-v3",
+        metadata={"help": "prompt template: uil-compact-v3 (two short lines, static "
+                          "instructions first) or uil-kar-v2 (the earlier three-line one)"})
+    llm_no_repeat_ngram: int = field(
+        default=3, metadata={"help": "ban an n-gram of tokens repeated inside one answer (the "
+                                     "prompt may be copied); 0 disables"})
     llm_batch_size: int = field(default=8, metadata={"help": "max partitions per LLM call"})
     llm_batch_wait_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
     llm_max_queue: int = field(default=256,
@@ -191,6 +198,10 @@ class Settings:
                      "llm_max_attempts", "llm_max_title_chars", "llm_max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if self.llm_template not in ("uil-compact-v3", "uil-kar-v2"):
+            raise bad("llm_template", "must be uil-compact-v3 or uil-kar-v2")
+        if self.llm_no_repeat_ngram < 0:
+            raise bad("llm_no_repeat_ngram", "must be >= 0 (0 disables)")
         if self.llm_max_summary_chars < 80:
             raise bad("llm_max_summary_chars", "must be >= 80")
         for name in ("llm_batch_wait_s", "llm_timeout_s", "llm_repetition_penalty"):

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from llm_workers.answer_ngrams import NgramBlock
 from llm_workers.prompts import ChatPrompt
 
 log = logging.getLogger("liber.llm")
@@ -107,6 +108,29 @@ def create(settings) -> Backend:
                        f"{', '.join(sorted(BACKENDS))} or module:factory")
 
 
+def bf16_is_fast(device: str = "cpu") -> bool:
+    """bfloat16 matmuls in hardware: a GPU, or a CPU with AMX (Intel Sapphire Rapids and
+    later) or AVX-512 BF16 instructions (AMD Zen 4 and later)."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def fastest(settings):
+    """The settings with the fastest configuration this machine runs for batch generation:
+    vLLM's engine (continuous batching) when installed, else transformers; bfloat16 where it
+    is fast in hardware. What was chosen is in the returned settings (llm_backend, llm_dtype)."""
+    import importlib.util
+    backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    dtype = "bfloat16" if bf16_is_fast(settings.llm_device) else settings.llm_dtype
+    return settings.replace(llm_backend=backend, llm_dtype=dtype)
+
+
 # --- transformers -----------------------------------------------------------------------------
 class LineGuide:
     """A logits processor that keeps each row of a batch to its labelled lines.
@@ -124,7 +148,7 @@ class LineGuide:
         self.torch = torch
         self.eos_id = eos_id
         self.prompt_len = prompt_len
-        newline_ids, dirty_ids, blank_ids = _newline_tables(tokenizer)
+        newline_ids, dirty_ids, blank_ids, digit_ids = _newline_tables(tokenizer)
         self.newline = tokenizer.encode("\n", add_special_tokens=False)[0]
         self.newline_ids = newline_ids
         self.blank_ids = blank_ids
@@ -133,16 +157,18 @@ class LineGuide:
         self.ban_break = self.ban_dirty.clone()
         self.ban_break[[i for i in newline_ids if i < vocab_size]] = True
         self.ban_break[eos_id] = True
+        self.ban_digits = torch.zeros(vocab_size, dtype=torch.bool)
+        self.ban_digits[[i for i in digit_ids if i < vocab_size]] = True
         self.rows = []
         for prompt in prompts:
             labels = prompt.structure
             forced = [tokenizer.encode(prompt.line_head(i), add_special_tokens=False)
                       for i in range(1, len(labels))]
             budget = max_new_tokens - sum(len(f) + 1 for f in forced) - 1
-            weights = [1.0] * len(labels) if len(labels) != 3 else [0.3, 0.25, 0.45]
+            weights = prompt.line_weights()
             caps = [max(2, int(budget * w / sum(weights))) for w in weights]
             self.rows.append({"forced": forced, "caps": caps, "field": 0, "count": 0,
-                              "queue": [], "done": not labels})
+                              "queue": [], "done": not labels, "no_digits": prompt.no_digits})
 
     def _advance(self, row: dict, token: int) -> None:
         if row["done"]:
@@ -167,6 +193,7 @@ class LineGuide:
         if self.ban_dirty.device != scores.device:    # built on the CPU; a GPU model's scores
             self.ban_dirty = self.ban_dirty.to(scores.device)
             self.ban_break = self.ban_break.to(scores.device)
+            self.ban_digits = self.ban_digits.to(scores.device)
         step = input_ids.shape[1] - self.prompt_len
         for i, row in enumerate(self.rows):
             if step > 0:
@@ -185,31 +212,37 @@ class LineGuide:
                 value = scores[i, force].clone()
                 scores[i].fill_(-torch.inf)
                 scores[i, force] = torch.nan_to_num(value, neginf=0.0)
-            elif row["count"] == 0:
-                scores[i].masked_fill_(self.ban_break[: scores.shape[1]], -torch.inf)
             else:
-                scores[i].masked_fill_(self.ban_dirty[: scores.shape[1]], -torch.inf)
-                if not last:
-                    scores[i, self.eos_id] = -torch.inf
+                if row["count"] == 0:
+                    scores[i].masked_fill_(self.ban_break[: scores.shape[1]], -torch.inf)
+                else:
+                    scores[i].masked_fill_(self.ban_dirty[: scores.shape[1]], -torch.inf)
+                    if not last:
+                        scores[i, self.eos_id] = -torch.inf
+                if row["no_digits"]:
+                    scores[i].masked_fill_(self.ban_digits[: scores.shape[1]], -torch.inf)
         return scores
 
 
-_TABLES: dict[int, tuple[set, set, set]] = {}
+_TABLES: dict[int, tuple[set, set, set, set]] = {}
 
 
-def _newline_tables(tokenizer) -> tuple[set, set, set]:
-    """(pure line-break tokens, tokens mixing a line break with text, blank tokens)."""
+def _newline_tables(tokenizer) -> tuple[set, set, set, set]:
+    """(pure line-break tokens, tokens mixing a line break with text, blank tokens, tokens
+    holding a digit)."""
     key = id(tokenizer)
     if key not in _TABLES:
         ids = list(range(len(tokenizer)))
         texts = tokenizer.batch_decode([[i] for i in ids])
-        newline, dirty, blank = set(), set(), set()
+        newline, dirty, blank, digits = set(), set(), set(), set()
         for i, text in zip(ids, texts):
             if "\n" in text or "\r" in text:
                 (newline if not text.strip() else dirty).add(i)
             elif not text.strip():
                 blank.add(i)
-        _TABLES[key] = (newline, dirty, blank)
+            if any(c.isdigit() for c in text):
+                digits.add(i)
+        _TABLES[key] = (newline, dirty, blank, digits)
     return _TABLES[key]
 
 
@@ -218,7 +251,8 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, home: str, model: str, *, device: str = "cpu", dtype: str = "float32",
-                 threads: int = 0, repetition_penalty: float = 1.0, guide: bool = True):
+                 threads: int = 0, repetition_penalty: float = 1.0, guide: bool = True,
+                 no_repeat_ngram: int = 0):
         import torch
 
         from llm_workers import model_store
@@ -232,6 +266,7 @@ class TransformersBackend(Backend):
         self.device = device
         self.repetition_penalty = repetition_penalty
         self.guide = guide
+        self.no_repeat_ngram = no_repeat_ngram
         self._tok.padding_side = "left"
         self._tok.clean_up_tokenization_spaces = False  # BPE: the clean-up would alter the text
         config = self._model.generation_config
@@ -292,6 +327,8 @@ class TransformersBackend(Backend):
 
         if closing.is_set():
             raise LLMError("backend closed")
+        if self.no_repeat_ngram:
+            processors.append(NgramBlock(self.no_repeat_ngram, prompt_len))
         if self.guide and any(p.structure for p in prompts):
             processors.append(LineGuide(self._tok, prompts, max_new_tokens,
                                         self.eos_ids[0], prompt_len,
@@ -330,7 +367,7 @@ class TransformersBackend(Backend):
     def _generate_dare(self, prompts: list[ChatPrompt], max_new_tokens: int,
                        timeout_s: float | None) -> list[Generation]:
         """The call's prompts stepped together through DARE, each verified position processed
-        as in `generate` (repetition penalty, then `LineGuide`): strict gives plain's tokens."""
+        as in `generate` (repetition penalty, n-gram block, then `LineGuide`): strict gives plain's tokens."""
         from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
         start = time.perf_counter()
         closing = self._closing
@@ -345,6 +382,8 @@ class TransformersBackend(Backend):
             row = LogitsProcessorList()
             if self.repetition_penalty != 1.0:
                 row.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+            if self.no_repeat_ngram:
+                row.append(NgramBlock(self.no_repeat_ngram, len(ids)))
             if self.guide and prompt.structure:
                 row.append(LineGuide(self._tok, [prompt], max_new_tokens, self.eos_ids[0],
                                      len(ids), vocab))
@@ -375,7 +414,8 @@ class TransformersBackend(Backend):
 def _transformers(settings) -> Backend:
     backend = TransformersBackend(settings.home, settings.llm_model, device=settings.llm_device,
                                   dtype=settings.llm_dtype, threads=settings.llm_threads,
-                                  repetition_penalty=settings.llm_repetition_penalty)
+                                  repetition_penalty=settings.llm_repetition_penalty,
+                                  no_repeat_ngram=settings.llm_no_repeat_ngram)
     if settings.llm_dare and settings.dare_mode != "off":
         from llm_workers.dare.backend import BackendDare
         try:

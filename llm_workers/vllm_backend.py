@@ -39,7 +39,6 @@ from llm_workers.prompts import ChatPrompt
 
 SPECULATIVE = ("off", "dare", "ngram", "suffix")
 CHARS_PER_TOKEN = 3        # a line's character cap per token of its share (English BPE: ~4)
-LINE_WEIGHTS = (0.3, 0.25, 0.45)  # share of max_new_tokens per line of a three-line answer
 
 
 _REGEX_SPECIAL = set("\\.^$*+?{}[]|()")
@@ -60,10 +59,12 @@ def line_regex(prompt: ChatPrompt, max_new_tokens: int) -> str | None:
         return None
     heads = [prompt.line_head(i) for i in range(1, len(labels))]
     budget = max(len(labels) * 2, max_new_tokens - sum(len(h) // CHARS_PER_TOKEN + 2 for h in heads))
-    weights = LINE_WEIGHTS if len(labels) == 3 else (1.0,) * len(labels)
+    weights = prompt.line_weights()
     caps = [max(4, int(budget * w / sum(weights)) * CHARS_PER_TOKEN) for w in weights]
+    banned = "\\n0-9" if prompt.no_digits else "\\n"
+
     def line(cap):   # a visible character first: a blank line would not parse
-        return f"[ ]?[^ \\n][^\\n]{{0,{cap}}}"
+        return f"[ ]?[^ {banned}][^{banned}]{{0,{cap}}}"
     parts = [line(caps[0])]
     for head, cap in zip(heads, caps[1:]):
         parts.append(f"\\n{_literal(head)}{line(cap)}")
@@ -110,11 +111,13 @@ class VLLMBackend(Backend):
                  repetition_penalty: float = 1.0, guide: bool = True,
                  speculative: str = "off", num_speculative_tokens: int = 8,
                  dare: dict | None = None, pool_store=None, enforce_eager: bool = True,
-                 threads: int = 0, **engine_kwargs):
+                 threads: int = 0, no_repeat_ngram: int = 0, **engine_kwargs):
         if speculative not in SPECULATIVE:
             raise BackendError(f"speculative={speculative!r}: must be one of {SPECULATIVE}")
         # The engine core in this process: no child process to start, feed or stop.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM logs to stdout by default, where our commands print their JSON.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         if threads:
             # vLLM sets torch to one thread, but its oneDNN matmuls use OpenMP, which takes every
             # core unless told: on a shared CPU two threads wait on each other's barrier and
@@ -132,11 +135,15 @@ class VLLMBackend(Backend):
         self.repetition_penalty = repetition_penalty
         self.guide = guide
         self.speculative = speculative
+        self.no_repeat_ngram = no_repeat_ngram
         self.pool_store = None
         self._dare_key = None
         kwargs = dict(model=str(path), dtype=dtype, max_model_len=max_model_len,
                       kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=enforce_eager,
                       disable_log_stats=False, seed=0)
+        if no_repeat_ngram:
+            from llm_workers.answer_ngrams import vllm_processor_class
+            kwargs["logits_processors"] = [vllm_processor_class()]
         if speculative != "off":
             kwargs.update(spec_engine_kwargs(speculative, num_speculative_tokens, dare or {},
                                              pool_store))
@@ -177,6 +184,9 @@ class VLLMBackend(Backend):
         if regex:
             from vllm.sampling_params import StructuredOutputsParams
             extra["structured_outputs"] = StructuredOutputsParams(regex=regex)
+        if self.no_repeat_ngram:
+            from llm_workers.answer_ngrams import EXTRA_ARG
+            extra["extra_args"] = {EXTRA_ARG: self.no_repeat_ngram}
         return SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
                               repetition_penalty=self.repetition_penalty,
                               stop_token_ids=self.stop_ids, skip_special_tokens=True, **extra)
@@ -324,7 +334,8 @@ def _vllm(settings) -> Backend:
                        kv_cache_bytes=settings.llm_vllm_kv_cache_mb << 20,
                        repetition_penalty=settings.llm_repetition_penalty,
                        speculative=method, num_speculative_tokens=max(1, settings.dare_draft_len),
-                       dare=dare, threads=settings.llm_threads)
+                       dare=dare, threads=settings.llm_threads,
+                       no_repeat_ngram=settings.llm_no_repeat_ngram)
 
 
 # --- OpenAI-compatible server ------------------------------------------------------------

@@ -17,11 +17,12 @@ def backend():
 
 
 def test_batched_generation_keeps_the_labelled_lines(backend):
+    v2 = {"template": prompts.KAR_V2}     # three lines: the guide's harder case
     short = prompts.cascade_prompt([Activity("Heat (1995) [Action|Crime]", "rate", 5.0)],
-                                   context=None, context_kind=prompts.CONTEXT_NONE)
+                                   context=None, context_kind=prompts.CONTEXT_NONE, **v2)
     long = prompts.cascade_prompt(
         [Activity(f"Movie {i} (1990) [Drama|Romance]", "rate", 1.0 + i % 5) for i in range(12)],
-        context="Enjoys romantic dramas.", context_kind=prompts.CONTEXT_PREVIOUS)
+        context="Enjoys romantic dramas.", context_kind=prompts.CONTEXT_PREVIOUS, **v2)
     gens = backend.generate([short, long, "Say hello."], 28, timeout_s=120)
     assert len(gens) == 3
     assert backend.count_tokens(short) == gens[0].tokens_in < gens[1].tokens_in

@@ -90,10 +90,10 @@ def test_relaxed_keeps_the_labelled_lines(plain, tmp_path):
     try:
         for p, g in zip(_prompts(), backend.generate(_prompts(), MAX_NEW)):
             heads = [line.split(":")[0] for line in (p.prefix + g.text).strip().split("\n")]
-            assert heads == list(prompts.CASCADE_LABELS), g.text
+            assert heads == list(p.structure), g.text
             assert (p.prefix + g.text).split("\n")[1].startswith(p.line_head(1))
             parsed = prompts.parse(p.prefix + g.text)     # the worker's parser
-            assert all(parsed[label] for label in prompts.CASCADE_LABELS)
+            assert all(parsed[label] for label in p.structure)
     finally:
         backend.close()
 

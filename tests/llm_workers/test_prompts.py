@@ -15,9 +15,10 @@ def acts():
             Activity("Toy Story (1995)", "play", None)]
 
 
-def test_cascade_prompt_groups_ratings_and_carries_previous_summary():
+def test_kar_v2_prompt_groups_ratings_and_carries_previous_summary():
+    v2 = {"template": prompts.KAR_V2}
     p = prompts.cascade_prompt(acts(), context="Enjoys crime films.",
-                               context_kind=prompts.CONTEXT_PREVIOUS)
+                               context_kind=prompts.CONTEXT_PREVIOUS, **v2)
     assert "Previous profile of this person: Enjoys crime films." in p.user
     assert 'Rated high (4-5): "Heat (1995)" [Action|Crime|Thriller]' in p.user
     assert 'Rated low (1-2): "Babe (1995)" [Children\'s|Comedy]' in p.user
@@ -27,13 +28,36 @@ def test_cascade_prompt_groups_ratings_and_carries_previous_summary():
         assert factor in p.user
     assert p.structure == ("SUMMARY", "SHIFT", "PROFILE") and p.prefix == "SUMMARY: Likes"
     assert p.line_head(2) == "PROFILE: Enjoys"
-    cold = prompts.cascade_prompt(acts(), context=None, context_kind=prompts.CONTEXT_NONE)
+    cold = prompts.cascade_prompt(acts(), context=None, context_kind=prompts.CONTEXT_NONE, **v2)
     assert "none, this person is new" in cold.user
     group = prompts.cascade_prompt(acts(), context="Groups like comedies.",
-                                   context_kind=prompts.CONTEXT_COLLECTIVE)
+                                   context_kind=prompts.CONTEXT_COLLECTIVE, **v2)
     assert "similar first ratings" in group.user and "Groups like comedies." in group.user
     assert len({p.sha256(), cold.sha256(), group.sha256()}) == 3
-    assert prompts.TEMPLATE_VERSION
+    assert p.version == prompts.KAR_V2 and not p.no_digits
+
+
+def test_compact_v3_prompt_puts_the_same_instructions_first_and_asks_two_lines():
+    p = prompts.cascade_prompt(acts(), context="Enjoys crime films.",
+                               context_kind=prompts.CONTEXT_PREVIOUS)
+    assert prompts.TEMPLATE_VERSION == p.version == prompts.COMPACT_V3
+    other = prompts.cascade_prompt(acts()[:2], context=None, context_kind=prompts.CONTEXT_NONE)
+    assert p.system == other.system and "do not name movie titles" in p.system
+    assert p.user.startswith("Previous profile of this person: Enjoys crime films.\n")
+    assert 'Rated high (4-5): "Heat (1995)" [Action|Crime|Thriller]' in p.user
+    assert p.user.endswith("Liked genres: Action, Crime, Thriller. Disliked genres: Children's, "
+                           "Comedy.")
+    assert p.structure == ("SUMMARY", "PROFILE") and p.prefix == "SUMMARY: Likes"
+    assert p.line_weights() == (0.4, 0.6) and p.no_digits
+    assert p.sha256() != prompts.cascade_prompt(
+        acts(), context="Enjoys crime films.", context_kind=prompts.CONTEXT_PREVIOUS,
+        template=prompts.KAR_V2).sha256()
+    assert len(p.user) < len(prompts.cascade_prompt(
+        acts(), context="Enjoys crime films.", context_kind=prompts.CONTEXT_PREVIOUS,
+        template=prompts.KAR_V2).user)
+    with pytest.raises(ValueError):
+        prompts.cascade_prompt(acts(), context=None, context_kind=prompts.CONTEXT_NONE,
+                               template="uil-kar-v1")
 
 
 def test_hostile_titles_are_flattened_delimited_and_capped():
@@ -54,11 +78,14 @@ def test_hostile_titles_are_flattened_delimited_and_capped():
 
 def test_naive_and_collective_prompts():
     earlier, new = acts()[:2], acts()[2:]
-    p = prompts.naive_prompt(earlier, new)
+    p = prompts.naive_prompt(earlier, new, template=prompts.KAR_V2)
     assert "Earlier activity (2 items)" in p.user and "New activity (3 items)" in p.user
     assert "Previous profile" not in p.user
-    first = prompts.naive_prompt([], new)
+    first = prompts.naive_prompt([], new, template=prompts.KAR_V2)
     assert "Earlier activity: none." in first.user
+    v3 = prompts.naive_prompt(earlier, new)
+    assert "Earlier activity (2 items)" in v3.user and "New ratings (3):" in v3.user
+    assert v3.structure == ("SUMMARY", "PROFILE") and "from all their ratings" in v3.system
     state = collective.add_user(collective.new_state(), acts())
     c = collective.prompt("Action|Crime", state)
     assert c.structure == ("PROFILE",) and "A group of 1 people" in c.user

@@ -41,10 +41,11 @@ def hf_model():
 
 
 def test_backend_contract_with_labelled_lines(backend):
+    v2 = {"template": prompts.KAR_V2}     # three lines: the guide's harder case
     short = prompts.cascade_prompt([Activity("Heat (1995) [Action|Crime]", "rate", 5.0)],
-                                   context=None, context_kind=prompts.CONTEXT_NONE)
+                                   context=None, context_kind=prompts.CONTEXT_NONE, **v2)
     long = prompts.cascade_prompt(DRAMA, context="Enjoys romantic dramas.",
-                                  context_kind=prompts.CONTEXT_PREVIOUS)
+                                  context_kind=prompts.CONTEXT_PREVIOUS, **v2)
     gens = backend.generate([short, long, "Say hello."], 32, timeout_s=600)
     assert backend.name == "vllm" and backend.model == "smollm2-135m-instruct"
     assert len(gens) == 3

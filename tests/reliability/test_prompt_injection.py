@@ -53,9 +53,9 @@ def test_instructions_in_titles_do_not_change_format_or_reach_other_users(backen
     generations = backend.generate([attacker, victim, attacker], 64, timeout_s=300)
     for prompt, generation in zip((attacker, victim), generations):
         text, parsed = answer(prompt, generation)
-        # exactly the three labelled lines, in order, and nothing else
-        assert LABEL_LINE.findall(text) == ["SUMMARY", "SHIFT", "PROFILE"], text
-        assert len([line for line in text.split("\n") if line.strip()]) == 3, text
+        # exactly the template's labelled lines, in order, and nothing else
+        assert LABEL_LINE.findall(text) == list(prompt.structure), text
+        assert len([line for line in text.split("\n") if line.strip()]) == len(prompt.structure), text
         assert parsed["SUMMARY"] and parsed["PROFILE"], text
     victim_text, _ = answer(victim, generations[1])
     assert MARKER.lower() not in victim_text.lower(), victim_text
