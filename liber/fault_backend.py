@@ -7,12 +7,18 @@ drill can start an unmodified `liber llm-worker`:
     LIBER_FAULT_ERROR_EVERY=N     every Nth call raises LLMError (0: never)
     LIBER_FAULT_TIMEOUT_EVERY=N   every Nth call waits LIBER_FAULT_TIMEOUT_S, then LLMTimeout
     LIBER_FAULT_DELAY_S=S         every call first sleeps S seconds (a slow model or endpoint)
+    LIBER_FAULT_HANG_EVERY=N      every Nth call ignores its time limit: it holds until the
+                                  backend closes (a stuck endpoint) or `release()` lets it go on
+    LIBER_FAULT_EMPTY_EVERY=N     every Nth call answers each prompt with an empty text
+                                  (a malformed answer)
+    LIBER_FAULT_SHORT_EVERY=N     every Nth call returns one answer fewer than its prompts
 
-A call picked for both an error and a timeout times out. The inner backend is the one named
+A call picked for several faults gets the first of: hang, timeout, error, empty, short. The inner backend is the one named
 by `LIBER_FAULT_INNER` (default `transformers`, the real model).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -22,27 +28,46 @@ from llm_workers.backends import Backend, LLMError, LLMTimeout, WrappingBackend
 
 class FaultyBackend(WrappingBackend):
     def __init__(self, inner: Backend, *, error_every: int = 0, timeout_every: int = 0,
-                 timeout_s: float = 2.0, delay_s: float = 0.0):
+                 timeout_s: float = 2.0, delay_s: float = 0.0, hang_every: int = 0,
+                 empty_every: int = 0, short_every: int = 0):
         super().__init__(inner, "faulty")
         self.error_every, self.timeout_every = error_every, timeout_every
         self.timeout_s, self.delay_s = timeout_s, delay_s
+        self.hang_every, self.empty_every, self.short_every = hang_every, empty_every, short_every
         self._closed = threading.Event()
+        self._released = threading.Event()
+        self._lock = threading.Lock()  # calls may overlap (llm_concurrency > 1)
 
     def generate(self, prompts, max_new_tokens, *, timeout_s=None):
-        self.calls += 1
-        call = self.calls
+        with self._lock:
+            self.calls += 1
+            call = self.calls
         if self.delay_s and self._closed.wait(self.delay_s):
             raise LLMError("backend closed")
+        if self.hang_every and call % self.hang_every == 0:
+            self._released.wait()
+            if self._closed.is_set():
+                raise LLMError(f"injected hang: call {call} ended by close")
         if self.timeout_every and call % self.timeout_every == 0:
             wait = min(self.timeout_s, timeout_s or self.timeout_s)
             self._closed.wait(wait)
             raise LLMTimeout(f"injected timeout: call {call} held for {wait:.1f}s")
         if self.error_every and call % self.error_every == 0:
             raise LLMError(f"injected error: call {call}")
-        return self.inner.generate(prompts, max_new_tokens, timeout_s=timeout_s)
+        answers = self.inner.generate(prompts, max_new_tokens, timeout_s=timeout_s)
+        if self.empty_every and call % self.empty_every == 0:
+            return [dataclasses.replace(a, text="") for a in answers]
+        if self.short_every and call % self.short_every == 0:
+            return answers[:-1]
+        return answers
+
+    def release(self) -> None:
+        """Held calls (and later ones picked to hang) go on to the inner backend."""
+        self._released.set()
 
     def close(self):
         self._closed.set()  # wake a held call first
+        self._released.set()
         super().close()
 
 
@@ -62,7 +87,10 @@ def create(settings) -> Backend:
     return FaultyBackend(inner, error_every=_env_number("LIBER_FAULT_ERROR_EVERY", int, 0),
                          timeout_every=_env_number("LIBER_FAULT_TIMEOUT_EVERY", int, 0),
                          timeout_s=_env_number("LIBER_FAULT_TIMEOUT_S", float, 2.0),
-                         delay_s=_env_number("LIBER_FAULT_DELAY_S", float, 0.0))
+                         delay_s=_env_number("LIBER_FAULT_DELAY_S", float, 0.0),
+                         hang_every=_env_number("LIBER_FAULT_HANG_EVERY", int, 0),
+                         empty_every=_env_number("LIBER_FAULT_EMPTY_EVERY", int, 0),
+                         short_every=_env_number("LIBER_FAULT_SHORT_EVERY", int, 0))
 
 
 backends.register("faulty")(create)

@@ -26,6 +26,10 @@ ERRORS = Counter("liber_fusion_errors_total", "Failures by kind (invalid_record,
                  "invalid_partition, invalid_collective, model, restore_timeout)", ["kind"])
 DEAD_LETTERED = Counter("liber_fusion_dead_lettered_total", "Records sent to summaries.dlq",
                         ["reason"])
+SEND_FAILURES = Counter("liber_fusion_send_failures_total", "Sends refused by the client or broker, "
+                        "by logical topic and what followed (retried, dead_lettered, "
+                        "resent_without_value, lost: logged with the input's coordinates)",
+                        ["topic", "outcome"])
 BATCH_USERS = Histogram("liber_fusion_batch_users", "Users encoded per model call",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 MODEL_SECONDS = Counter("liber_fusion_model_seconds_total", "Seconds spent in the interest model")

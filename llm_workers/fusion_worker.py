@@ -46,9 +46,8 @@ from llm_workers import collective
 from llm_workers import fusion_metrics as metrics
 from llm_workers.fusion_state import Changes, FusionStore, new_user
 from llm_workers.prompts import Activity
-from llm_workers.service import RebalanceForwarder
+from llm_workers.service import Outbox, RebalanceForwarder
 from ops import metrics as ops_metrics
-from streams import dead_letter
 from streams.records import (ClosedPartition, CollectiveSummary, InterestVector, InvalidRecord,
                              Summary, decode)
 from streams.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
@@ -56,6 +55,7 @@ from streams.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, 
 
 log = logging.getLogger("liber.fusion")
 COLLECTIVE_VERSION = -1  # below every own version (seq >= 0)
+COLLECTIVE_RECHECK_S = 2.0  # how often a missing collective-summaries topic is looked for
 
 
 def float32_values(vector: np.ndarray) -> tuple[float, ...]:
@@ -75,8 +75,15 @@ class FusionWorker:
         self.stopping = False
         self._to_restore: set = set()
         kafka = dict(bootstrap_servers=settings.bootstrap_servers, **settings.kafka_client_options())
+        # Not idempotent: kafka-python's idempotent producer takes any refused record (too
+        # large for a topic) as fatal and fails every later send. One request in flight keeps
+        # the order; a retry may duplicate a record, which every reader of ours tolerates.
         self.producer = KafkaProducer(client_id=f"{settings.app_id}-fusion", acks="all",
-                                      enable_idempotence=True, linger_ms=5, retries=10, **kafka)
+                                      enable_idempotence=False,
+                                      max_in_flight_requests_per_connection=1, linger_ms=5,
+                                      retries=10, **kafka)
+        self.outbox = Outbox(self.producer, self.topic_dlq, metrics.SEND_FAILURES, logger=log,
+                             prefix=settings.topic_prefix)
         self.consumer = KafkaConsumer(
             client_id=f"{settings.app_id}-fusion", group_id=f"{settings.app_id}-fusion",
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -89,13 +96,23 @@ class FusionWorker:
         self.collective_consumer = KafkaConsumer(
             client_id=f"{settings.app_id}-fusion-collective", enable_auto_commit=False,
             max_poll_records=settings.fusion_batch_size, **kafka)
-        name = settings.topic(COLLECTIVE_SUMMARIES)
+        self._collective_checked = 0.0
+        if not self._follow_collective():
+            log.warning("topic %s missing: no collective vectors for cold users until it is "
+                        "created", settings.topic(COLLECTIVE_SUMMARIES))
+
+    def _follow_collective(self) -> bool:
+        """Assign every partition of collective-summaries, from the beginning; False while the
+        topic does not exist (it may be created after we started: looked for again later)."""
+        self._collective_checked = time.monotonic()
+        name = self.s.topic(COLLECTIVE_SUMMARIES)
         parts = self.collective_consumer.partitions_for_topic(name) or ()
-        if parts:
-            self.collective_consumer.assign([TopicPartition(name, p) for p in sorted(parts)])
-            self.collective_consumer.seek_to_beginning()
-        else:
-            log.warning("topic %s missing: no collective vectors for cold users", name)
+        if not parts:
+            return False
+        self.collective_consumer.assign([TopicPartition(name, p) for p in sorted(parts)])
+        self.collective_consumer.seek_to_beginning()
+        log.info("following %s (%d partitions)", name, len(parts))
+        return True
 
     # --- main loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -126,6 +143,9 @@ class FusionWorker:
             self.restore(assigned & self.consumer.assignment())
             polled = {tp: recs for tp, recs in polled.items() if tp not in assigned}
         collective_records = []
+        if not self.collective_consumer.assignment() and \
+                time.monotonic() - self._collective_checked >= COLLECTIVE_RECHECK_S:
+            self._follow_collective()
         if self.collective_consumer.assignment():
             collective_records = [r for recs in self.collective_consumer.poll(timeout_ms=0).values()
                                   for r in recs]
@@ -135,7 +155,8 @@ class FusionWorker:
     # --- one micro-batch -------------------------------------------------------------------------
     def process(self, polled: dict, collective_records: list, *, publish: bool = True) -> None:
         changes = self.store.batch()
-        out: list[tuple[str, bytes, str, float, float]] = []  # user, value, kind, closed_at, at
+        # user, value, kind, closed_at, produced_at, source record (tp, offset, key, value)
+        out: list[tuple[str, bytes, str, float, float, tuple | None]] = []
         summaries, partitions = [], []
         for tp, recs in polled.items():
             logical = self.topics[tp.topic]
@@ -162,7 +183,7 @@ class FusionWorker:
     def _apply_summaries(self, records, changes: Changes, out: list, publish: bool) -> None:
         changed: dict[str, dict] = {}                 # user -> new state, vector not yet made
         sources: dict[str, list] = defaultdict(list)  # user -> its records in this batch
-        republish: set[str] = set()
+        republish: dict[str, tuple] = {}
         for tp, rec in records:
             try:
                 summary = decode(Summary, rec.value, key=rec.key, max_bytes=self.s.max_payload_bytes)
@@ -179,13 +200,13 @@ class FusionWorker:
                 changed[user] = state
                 sources[user].append((tp, rec))
             elif summary.seq == state["version"] and user not in changed:
-                republish.add(user)  # the batch that made it may have died before producing
+                republish[user] = _source(tp, rec)  # its batch may have died before producing
             else:
                 metrics.SKIPPED.labels(reason="older").inc()
-        for user in republish - set(changed):
+        for user in set(republish) - set(changed):
             stored = self.store.vector_bytes(user)
             if stored is not None:
-                out.append((user, stored, "republished", 0.0, 0.0))
+                out.append((user, stored, "republished", 0.0, 0.0, republish[user]))
         if not changed:
             return
         if not publish:  # restore: the previous owner published these vectors
@@ -207,7 +228,8 @@ class FusionWorker:
             changes.put_user(user, {**state, "version": state["seq"]})
             value = record.encode()
             changes.put_vector(user, value)
-            out.append((user, value, "own", state["closed_at"], now))
+            out.append((user, value, "own", state["closed_at"], now,
+                        _source(*sources[user][-1])))
 
     def _encode(self, changed: dict[str, dict], sources: dict, publish: bool) -> dict:
         """One model call for the batch; when it fails, user by user, and a user whose vector
@@ -255,7 +277,7 @@ class FusionWorker:
                 if state["version"] == COLLECTIVE_VERSION and state.get("first_seq") == part.seq:
                     stored = self.store.vector_bytes(user)  # redelivered first partition
                     if stored is not None:
-                        out.append((user, stored, "republished", 0.0, 0.0))
+                        out.append((user, stored, "republished", 0.0, 0.0, _source(tp, rec)))
                 else:
                     metrics.SKIPPED.labels(reason="known").inc()
                 continue
@@ -269,7 +291,7 @@ class FusionWorker:
                 changes.add_member(cluster, user, {"end_ts": part.end_ts, "closed_at": closed_at})
                 continue
             self._publish_collective(changes, out, user, state, cluster, vector, part.end_ts,
-                                     closed_at)
+                                     closed_at, _source(tp, rec))
 
     def _collective_vector(self, changes: Changes, cluster: str) -> np.ndarray | None:
         if cluster in changes.collective:
@@ -277,7 +299,7 @@ class FusionWorker:
         return self.store.collective_vector(cluster)
 
     def _publish_collective(self, changes, out, user, state, cluster, vector, end_ts,
-                            closed_at) -> None:
+                            closed_at, source) -> None:
         now = round(time.time(), 3)
         record = InterestVector(
             user_id=user, version=COLLECTIVE_VERSION, vector=float32_values(vector),
@@ -286,10 +308,11 @@ class FusionWorker:
         value = record.encode()
         changes.put_user(user, {**state, "version": COLLECTIVE_VERSION})
         changes.put_vector(user, value)
-        out.append((user, value, "collective", closed_at, now))
+        out.append((user, value, "collective", closed_at, now, source))
 
     def _apply_collective(self, records, changes: Changes, out: list, publish: bool) -> None:
         latest: dict[str, CollectiveSummary] = {}
+        sources: dict[str, tuple] = {}
         for rec in records:
             try:
                 group = decode(CollectiveSummary, rec.value, key=rec.key,
@@ -299,6 +322,7 @@ class FusionWorker:
                 log.warning("collective-summaries offset %d skipped: %s", rec.offset, exc)
                 continue
             latest[group.cluster] = group
+            sources[group.cluster] = _source(TopicPartition(rec.topic, rec.partition), rec)
         fresh = {}
         for cluster, group in latest.items():
             stored = self.store.collective(cluster)
@@ -328,7 +352,7 @@ class FusionWorker:
                 if state is None or state["version"] is not None or state["seq"] >= 0:
                     continue
                 self._publish_collective(changes, out, user, state, cluster, vector,
-                                         info["end_ts"], info["closed_at"])
+                                         info["end_ts"], info["closed_at"], sources[cluster])
             log.info("collective vector of cluster %s (%d users in the summary)", cluster,
                      group.users)
 
@@ -339,11 +363,15 @@ class FusionWorker:
 
     # --- output ----------------------------------------------------------------------------------
     def _produce(self, out: list) -> None:
-        futures = [(self.producer.send(self.topic_out, key=user.encode(), value=value), kind,
-                    closed_at, produced_at) for user, value, kind, closed_at, produced_at in out]
-        self.producer.flush(30)
-        for future, kind, closed_at, produced_at in futures:
-            future.get(timeout=30)  # a failed send raises: crash, restart redoes the batch
+        """Vectors and the batch's dead letters, every send checked before the commit: a failed
+        one is retried, dead-lettered or reported (Outbox), never a crash that replays it."""
+        for user, value, kind, closed_at, produced_at, source in out:
+            self.outbox.send(self.topic_out, user.encode(), value, source=source,
+                             info=(kind, closed_at, produced_at))
+        for sent, _ in self.outbox.settle():
+            if sent.topic != self.topic_out:
+                continue
+            kind, closed_at, produced_at = sent.info
             metrics.PUBLISHED.labels(kind=kind).inc()
             if kind == "republished":
                 continue
@@ -358,8 +386,7 @@ class FusionWorker:
         metrics.DEAD_LETTERED.labels(reason=reason).inc()
         logs.dead_letter(log, source_topic=tp.topic, partition=tp.partition, offset=rec.offset,
                          reason=reason, detail=detail)
-        self.producer.send(self.topic_dlq, key=rec.key, value=rec.value, headers=dead_letter.headers(
-            reason, detail, topic=tp.topic, partition=tp.partition, offset=rec.offset))
+        self.outbox.dead_letter(tp, rec.offset, rec.key, rec.value, reason, detail)
 
     # --- rebalances ----------------------------------------------------------------------------
     def on_revoked(self, revoked: set) -> None:
@@ -411,6 +438,11 @@ class FusionWorker:
             log.error("restore of %s[%d] stopped at %d of %d after 120 s", tp.topic, tp.partition,
                       reader.position(tp), end)
         return read
+
+
+def _source(tp, rec) -> tuple:
+    """An input record's coordinates and bytes, for the report or dead letter of its output."""
+    return (tp, rec.offset, rec.key, rec.value)
 
 
 def load_model(settings: Settings):

@@ -25,6 +25,10 @@ BATCH_SIZE = Histogram("liber_llm_batch_size", "Prompts per LLM call",
 RETRIES = Counter("liber_llm_retries_total", "Partitions scheduled again after a failure")
 DEAD_LETTERED = Counter("liber_llm_dead_lettered_total",
                         "Records sent to partitions.closed.dlq", ["reason"])
+SEND_FAILURES = Counter("liber_llm_send_failures_total", "Sends refused by the client or broker, by "
+                        "logical topic and what followed (retried, dead_lettered: the input went "
+                        "to the DLQ, resent_without_value, lost: logged with the input's "
+                        "coordinates, nothing more to try)", ["topic", "outcome"])
 REDELIVERED = Counter("liber_llm_redelivered_total", "Partitions that were already done "
                       "(republished: stored summary sent again; skipped: too old to keep)",
                       ["action"])

@@ -19,6 +19,11 @@ Failures: a failed call (error, timeout, unparseable answer) is retried alone af
 (doubling from `llm_retry_backoff_s`); after `llm_max_attempts` tries the partition goes to the
 DLQ with the error in its headers and the user's next partition proceeds. Other users keep going
 meanwhile: only the failing user's queue waits.
+
+Sends are checked before a commit (`Outbox`): a refused summary is sent again, then its input
+record is dead-lettered (`send_failed`); a refused dead letter is sent again without the record's
+bytes; what still fails is logged and counted with the input's coordinates (`lost`), and the
+worker goes on: one record must never stop it (a crash would only replay it forever).
 """
 from __future__ import annotations
 
@@ -26,8 +31,10 @@ import logging
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from liber import logs
@@ -45,6 +52,107 @@ log = logging.getLogger("liber.llm")
 COMMIT_INTERVAL_S = 0.5
 MAX_BACKOFF_S = 60.0
 STOP_GRACE_S = 10.0
+SEND_TRIES = 3  # sends of one record after a retriable failure (the client retries inside each)
+
+
+@dataclass(eq=False)
+class Send:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list
+    source: tuple | None = None  # (TopicPartition, offset, raw key, raw value) it stands for
+    letter: tuple | None = None  # (reason, detail) when this is a dead letter
+    info: object = None          # the caller's, handed back with the metadata
+    tries: int = 1
+    future: object = None
+    error: Exception | None = None
+
+    def failed(self) -> bool:
+        return self.error is not None or (self.future is not None and self.future.failed())
+
+
+class Outbox:
+    """A producer's sends, checked before the input offsets behind them are committed.
+
+    `settle()` waits for every send. A retriable failure is sent again (up to SEND_TRIES); an
+    output that still fails dead-letters its input record (`send_failed`); a dead letter that
+    fails is sent once more without the record's bytes (the topic may take less than we keep);
+    what fails then is logged with the input's coordinates and counted as `lost`. Nothing raises:
+    the caller commits and goes on.
+    """
+
+    def __init__(self, producer, topic_dlq: str, failures, *, logger, prefix: str = ""):
+        self.producer, self.topic_dlq, self.failures = producer, topic_dlq, failures
+        self.log, self.prefix = logger, prefix
+        self.pending: list[Send] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers=None, *,
+             source=None, letter=None, info=None, tries: int = 1) -> Send:
+        out = Send(topic, key, value, headers or [], source, letter, info, tries)
+        try:
+            out.future = self.producer.send(topic, key=key, value=value, headers=out.headers)
+        except KafkaError as exc:  # over our client's max_request_size; metadata timeout
+            out.error = exc
+        self.pending.append(out)
+        return out
+
+    def dead_letter(self, tp, offset: int, key, value, reason: str, detail: str, *,
+                    limit: int = dead_letter.MAX_VALUE, tries: int = 1) -> Send:
+        source = (tp, offset, key, value)
+        kept, headers = dead_letter.letter(value, reason, detail, topic=tp.topic,
+                                           partition=tp.partition, offset=offset, limit=limit)
+        if limit == 0:
+            key, kept = None, b""  # the key may be what is too large; headers still find it
+        return self.send(self.topic_dlq, key, kept, headers, source=source,
+                         letter=(reason, detail), tries=tries)
+
+    def failed(self) -> bool:
+        return any(out.failed() for out in self.pending)
+
+    def settle(self, timeout_s: float = 30.0) -> list[tuple[Send, object]]:
+        """Wait for every send (and the retries and dead letters failures lead to); returns
+        the sends that succeeded with their RecordMetadata."""
+        done = []
+        while self.pending:
+            try:
+                self.producer.flush(timeout_s)
+            except KafkaError:  # a flush timeout: each future below says what it means
+                pass
+            sends, self.pending = self.pending, []
+            for out in sends:
+                try:
+                    if out.error is not None:
+                        raise out.error
+                    done.append((out, out.future.get(timeout=timeout_s)))
+                except KafkaError as exc:
+                    self._failed(out, exc)
+        return done
+
+    def _failed(self, out: Send, exc: KafkaError) -> None:
+        topic = out.topic[len(self.prefix):] if out.topic.startswith(self.prefix) else out.topic
+        tp, offset = (out.source[0], out.source[1]) if out.source else (None, None)
+        where = dict(source_topic=getattr(tp, "topic", None),
+                     partition=getattr(tp, "partition", None), offset=offset)
+        if getattr(exc, "retriable", False) and out.tries < SEND_TRIES:
+            outcome = "retried"
+            self.send(out.topic, out.key, out.value, out.headers, source=out.source,
+                      letter=out.letter, info=out.info, tries=out.tries + 1)
+        elif out.letter is None and out.source is not None:
+            outcome = "dead_lettered"
+            self.dead_letter(*out.source, "send_failed", f"{topic}: {exc!r}")
+        elif out.letter is not None and out.value:
+            outcome = "resent_without_value"
+            self.dead_letter(*out.source, *out.letter, limit=0, tries=out.tries)
+        else:
+            outcome = "lost"
+        self.failures.labels(topic=topic, outcome=outcome).inc()
+        logs.event(self.log, "send_failed", logging.ERROR if outcome == "lost" else
+                   logging.WARNING, topic=out.topic, outcome=outcome, error=repr(exc)[:300],
+                   **where)
 
 
 class RebalanceForwarder(ConsumerRebalanceListener):
@@ -78,13 +186,19 @@ class LLMWorker:
         self.stopping = False
         self._dirty = False
         self._last_commit = 0.0
-        self._sends: list = []
         self._produced: dict[int, int] = {}
         self._committed: dict = {}
         self._to_restore: set = set()
         kafka = dict(bootstrap_servers=settings.bootstrap_servers, **settings.kafka_client_options())
+        # Not idempotent: kafka-python's idempotent producer takes any refused record (too
+        # large for a topic) as fatal and fails every later send. One request in flight keeps
+        # the order; a retry may duplicate a record, which every reader of ours tolerates.
         self.producer = KafkaProducer(client_id=f"{settings.app_id}-llm", acks="all",
-                                      enable_idempotence=True, linger_ms=5, retries=10, **kafka)
+                                      enable_idempotence=False,
+                                      max_in_flight_requests_per_connection=1, linger_ms=5,
+                                      retries=10, **kafka)
+        self.outbox = Outbox(self.producer, self.topic_dlq, metrics.SEND_FAILURES, logger=log,
+                             prefix=settings.topic_prefix)
         self.consumer = KafkaConsumer(
             client_id=f"{settings.app_id}-llm", group_id=f"{settings.app_id}-llm",
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -213,7 +327,7 @@ class LLMWorker:
                     continue
                 stored = self.store.summary_bytes(job.key, job.record.seq)
                 if stored is not None:
-                    self.send(self.topic_out, job.key.encode(), stored)
+                    self.send(self.topic_out, job.key.encode(), stored, source=job.source)
                 metrics.REDELIVERED.labels(action="republished" if stored else "skipped").inc()
                 log.info("user %s seq %d already done (last %d): %s", job.key, job.record.seq,
                          state["seq"], "summary republished" if stored else "skipped")
@@ -248,14 +362,16 @@ class LLMWorker:
                     job.context = kind
             job.prompt = prompts.cascade_prompt(activities, context=job.previous, context_kind=kind,
                                                 max_title_chars=s.llm_max_title_chars,
-                                                max_context_chars=s.llm_max_summary_chars)
+                                                max_context_chars=s.llm_max_summary_chars,
+                                                template=s.llm_template)
         return self.backend.count_tokens(job.prompt) + s.llm_max_new_tokens
 
     def _naive_prompt(self, job: Job):
         earlier = [Activity(*row) for row in self.store.history(job.key)]
         prompt, dropped = prompts.fit_naive_prompt(
             earlier, _activities(job.record), self.backend.count_tokens,
-            self.s.llm_max_prompt_tokens, max_title_chars=self.s.llm_max_title_chars)
+            self.s.llm_max_prompt_tokens, max_title_chars=self.s.llm_max_title_chars,
+            template=self.s.llm_template)
         if dropped:
             log.info("naive prompt of user %s: oldest %d of %d events dropped to fit %d tokens",
                      job.key, dropped, len(earlier), self.s.llm_max_prompt_tokens)
@@ -328,11 +444,12 @@ class LLMWorker:
         s, record = self.s, job.record
         summary = Summary(
             user_id=record.user_id, seq=record.seq,
-            partition_summary=parsed[prompts.SUMMARY], shift=parsed[prompts.SHIFT],
+            partition_summary=parsed[prompts.SUMMARY],
+            shift=parsed[prompts.SHIFT],   # "" where the template does not ask for it
             cascaded_summary=parsed[prompts.PROFILE], tokens_in=generation.tokens_in,
             tokens_out=generation.tokens_out, backend=self.backend.name, model=self.backend.model,
             latency_s=round(generation.seconds, 4), mode=s.llm_mode, context=job.context,
-            template=prompts.TEMPLATE_VERSION, prompt_sha256=job.prompt.sha256(),
+            template=job.prompt.version, prompt_sha256=job.prompt.sha256(),
             end_ts=record.end_ts, closed_at=job.closed_at)
         value = summary.encode()
         old = self.store.user(record.user_id)
@@ -352,7 +469,7 @@ class LLMWorker:
                           prompt={"seq": record.seq, "context": job.context,
                                   "system": job.prompt.system, "user": job.prompt.user},
                           history=history, cluster=group)
-        self.send(self.topic_out, record.user_id.encode(), value)
+        self.send(self.topic_out, record.user_id.encode(), value, source=job.source)
         metrics.SUMMARIES.labels(mode=s.llm_mode, context=job.context.split(":")[0]).inc()
         self.finish(job)
         if group and collective.due(group[1], s.llm_collective_min_users) and \
@@ -411,30 +528,25 @@ class LLMWorker:
             self._dirty = True
 
     # --- output and commits --------------------------------------------------------------------
-    def send(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
-        future = self.producer.send(topic, key=key, value=value, headers=headers or [])
-        self._sends.append((topic, future))
+    def send(self, topic: str, key: bytes | None, value: bytes, headers=None, *,
+             source=None) -> None:
+        self.outbox.send(topic, key, value, headers, source=source)
 
     def dead_letter(self, tp, offset: int, key, value, reason: str, detail: str) -> None:
         metrics.DEAD_LETTERED.labels(reason=reason).inc()
         logs.dead_letter(log, source_topic=tp.topic, partition=tp.partition, offset=offset,
                          reason=reason, detail=detail)
-        self.send(self.topic_dlq, key, value, dead_letter.headers(
-            reason, detail, topic=tp.topic, partition=tp.partition, offset=offset))
+        self.outbox.dead_letter(tp, offset, key, value, reason, detail)
 
     def commit(self, now: float, force: bool = False, tps=None) -> None:
         """Flush what was produced, then commit input offsets below the oldest undone record."""
         if not (self._dirty or force) or (not force and now - self._last_commit < COMMIT_INTERVAL_S):
             return
-        if self._sends:
-            self.producer.flush(30)
-            for topic, future in self._sends:
-                meta = future.get(timeout=30)  # a failed send raises: crash, restart replays
-                ops_metrics.RECORDS_OUT.inc(topic)
-                if topic == self.topic_out:
-                    self._produced[meta.partition] = max(self._produced.get(meta.partition, 0),
-                                                         meta.offset + 1)
-            self._sends.clear()
+        for out, meta in self.outbox.settle():  # failures retried, dead-lettered or reported
+            ops_metrics.RECORDS_OUT.inc(out.topic)
+            if out.topic == self.topic_out:
+                self._produced[meta.partition] = max(self._produced.get(meta.partition, 0),
+                                                     meta.offset + 1)
         assigned = self.consumer.assignment()
         offsets = {tp: off for tp, off in self.offsets.committable(tps).items()
                    if tp in assigned and self._committed.get(tp) != off}
@@ -465,15 +577,12 @@ class LLMWorker:
         self.producer.flush(30)  # the next owner restores from summaries: ours must be there
         offsets = {tp: off for tp, off in self.offsets.committable(revoked).items()
                    if self._committed.get(tp) != off}
-        if offsets and not self._sends_failed():
+        if offsets and not self.outbox.failed():
             self.consumer.commit_async({tp: OffsetAndMetadata(off, "", -1)
                                         for tp, off in offsets.items()}, callback=_commit_logged)
         self.offsets.forget(revoked)
         for tp in revoked:
             self._committed.pop(tp, None)
-
-    def _sends_failed(self) -> bool:
-        return any(future.failed() for _, future in self._sends)
 
     def _rewind(self, assigned: set) -> None:
         """Start newly assigned partitions at their committed offset. Jobs dropped at a

@@ -12,7 +12,10 @@ one, so the cache never goes back (a collective stand-in, version -1, never repl
 own vector); a tombstone (no value) deletes the user. Values and the next offset of each
 partition are written in one RocksDB batch, so a restarted cache resumes exactly where it
 stopped. `model_version=` keeps only vectors of one model (a ranker trained with it must not
-read another model's vectors). Records that do not parse are skipped and counted.
+read another model's vectors); the filter is stored with the cache, and a directory reopened
+under another filter is emptied and read again from the beginning (its entries and offsets were
+chosen by the old one). Records that do not parse (malformed, oversize, anything the decoder
+raises on) are skipped, logged and counted: one record never stops the cache.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from streams.topics import USER_INTERESTS
 
 log = logging.getLogger("liber.interest_cache")
 _HEAD = struct.Struct("<I")  # length of the JSON header that precedes the float32 values
+_FILTER = b"f\x00model_version"  # the model_version filter the entries were chosen under
 
 
 class CachedInterest(NamedTuple):
@@ -74,6 +78,7 @@ class InterestCache:
         options.create_if_missing(True)
         self._db = Rdict(str(path), options)
         self.stats = {"applied": 0, "stale": 0, "invalid": 0, "other_model": 0, "deleted": 0}
+        self._check_filter(path)
         self._consumer = KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
             client_id=f"{settings.app_id}-interest-cache", **settings.kafka_client_options())
@@ -95,6 +100,22 @@ class InterestCache:
 
     def __len__(self) -> int:
         return sum(1 for key in self._db.keys(from_key=b"v\x00") if key.startswith(b"v\x00"))
+
+    def _check_filter(self, path: Path) -> None:
+        wanted = json.dumps(self.model_version).encode()
+        stored = self._db.get(_FILTER)
+        if stored == wanted:
+            return
+        keys = [k for k in self._db.keys() if k != _FILTER]
+        if keys:
+            log.warning("interest cache %s: kept under model_version=%s, opened with %s: "
+                        "emptied, reading %s again", path,
+                        stored.decode() if stored else "unknown", wanted.decode(), self.topic)
+            batch = WriteBatch(raw_mode=True)
+            for key in keys:
+                batch.delete(key)
+            self._db.write(batch)
+        self._db[_FILTER] = wanted
 
     # --- following the topic -----------------------------------------------------------------
     def _assign(self) -> None:
@@ -145,7 +166,12 @@ class InterestCache:
         pending: dict[bytes, bytes | None] = {}  # this batch's values (the db sees them at write)
         for tp, records in polled.items():
             for rec in records:
-                changed += self._apply_one(batch, pending, rec)
+                try:
+                    changed += self._apply_one(batch, pending, rec)
+                except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the cache
+                    self.stats["invalid"] += 1
+                    log.warning("%s[%d]@%d skipped: %r", rec.topic, rec.partition, rec.offset,
+                                exc)
             batch.put(b"o\x00" + str(tp.partition).encode(), str(records[-1].offset + 1).encode())
         if batch.len():
             self._db.write(batch)
@@ -154,6 +180,7 @@ class InterestCache:
     def _apply_one(self, batch: WriteBatch, pending: dict, rec) -> int:
         if rec.key is None:
             self.stats["invalid"] += 1
+            log.warning("%s[%d]@%d skipped: no key", rec.topic, rec.partition, rec.offset)
             return 0
         key = b"v\x00" + rec.key
         if rec.value is None:  # tombstone: the user was removed upstream
@@ -167,7 +194,8 @@ class InterestCache:
                             max_bytes=self.s.max_payload_bytes)
         except InvalidRecord as exc:
             self.stats["invalid"] += 1
-            log.warning("%s[%d]@%d skipped: %s", rec.topic, rec.partition, rec.offset, exc)
+            log.warning("%s[%d]@%d skipped: %s: %s", rec.topic, rec.partition, rec.offset,
+                        exc.reason, exc.detail[:200])
             return 0
         if self.model_version is not None and record.model_version != self.model_version:
             self.stats["other_model"] += 1

@@ -5,6 +5,7 @@ summaries / partitions.closed / collective-summaries -> fusion-worker (subproces
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -241,3 +242,76 @@ def test_a_new_owner_replays_the_users_summaries_before_going_on(settings, artif
     expected = model.user_vectors([([u1[2].partition_summary, u1[1].partition_summary],
                                     u1[2].cascaded_summary)])
     assert np.allclose(last(records, "u1")[0].vector, expected[0], atol=1e-4)
+
+
+# The local broker's message.max.bytes is 4 MiB; our producers' max_request_size is 1 MB.
+AT_BROKER_LIMIT = 4 * 1024 * 1024 - 512
+
+
+class FailsOn:
+    """The real model, failing for users whose cascaded summary holds `marker`."""
+
+    def __init__(self, model, marker: str):
+        self.model, self.marker = model, marker
+        self.version, self.dim, self.k = model.version, model.dim, getattr(model, "k", 4)
+
+    def user_vectors(self, inputs):
+        if any(self.marker in cascaded for _, cascaded in inputs):
+            raise RuntimeError(f"injected model failure on {self.marker}")
+        return self.model.user_vectors(inputs)
+
+
+def test_dead_letters_are_checked_bounded_and_a_model_failure_is_dead_lettered(
+        settings, artifact, model):
+    """summaries.dlq takes 32 KiB, less than the 64 KiB a dead letter keeps: a refused letter
+    is sent again without the record's bytes, never dropped with its offset committed."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from streams import dead_letter
+    settings = settings.replace(fusion_model_dir=str(artifact))
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(settings.topic(dlq(SUMMARIES)), 2, 1,
+                                      topic_configs={"max.message.bytes": str(32 * 1024)})])
+    finally:
+        admin.close()
+    create_topics(settings, log=lambda m: None)
+    send(settings, (SUMMARIES, b"mid", b"{" * (48 * 1024)))  # fits our client, not the DLQ
+    boom = summary("boom", 0)
+    boom = dataclasses.replace(boom, cascaded_summary="BOOM " + boom.cascaded_summary)
+    with BehaviorProducer(settings, max_request_size=8 * 1024 * 1024) as producer:
+        producer.send_raw(SUMMARIES, b"big", b"x" * AT_BROKER_LIMIT).get(timeout=30)
+    send(settings, boom, summary("u1", 0))
+    worker = FusionWorker(settings, FailsOn(model, "BOOM"))
+    try:
+        step_until(worker, lambda: (worker.store.user("u1") or {}).get("version") == 0)
+    finally:
+        worker.shutdown()
+    letters = read_topic(settings, dlq(SUMMARIES), expect=3, timeout=30)
+    assert sorted(dict(r.headers)[REASON] for r in letters) == \
+        [b"fusion_failed", b"malformed_json", b"oversize"]
+    for r in letters:  # the refused ones came again without their bytes, headers intact
+        headers = dead_letter.header_dict(r.headers)
+        if headers[REASON] != "fusion_failed":
+            assert r.value == b"" and headers[dead_letter.TRUNCATED] == "1"
+            assert int(headers[dead_letter.ORIGINAL_LENGTH]) in (48 * 1024, AT_BROKER_LIMIT)
+    assert versions(interests_until(settings, has("u1", 0)), "boom") == []
+
+
+def test_a_collective_topic_created_after_the_start_is_followed(settings, artifact, model):
+    settings = settings.replace(fusion_model_dir=str(artifact))
+    create_topics(settings, [SUMMARIES, PARTITIONS_CLOSED, USER_INTERESTS, dlq(SUMMARIES)],
+                  log=lambda m: None)
+    crime = collective.cluster_of([Activity(t, "rate", r) for t, r in zip(CRIME, [5, 4, 5])])
+    worker = FusionWorker(settings, model)
+    try:
+        worker.step(poll_ms=200)
+        create_topics(settings, [COLLECTIVE_SUMMARIES], log=lambda m: None)
+        send(settings, CollectiveSummary(crime, "People here love crime thrillers.", 3,
+                                         "smollm2", 1.7e9),
+             partition("u9", 0, CRIME, [5, 4, 5]))
+        step_until(worker, lambda: (worker.store.user("u9") or {}).get("version") == -1,
+                   timeout=60)
+    finally:
+        worker.shutdown()
+    assert last(interests_until(settings, has("u9", -1)), "u9")[0].collective

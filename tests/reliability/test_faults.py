@@ -33,5 +33,9 @@ def test_kill_9_of_the_stream_worker_loses_nothing(settings, kafka, tmp_path):
 def test_llm_errors_and_timeouts_are_retried_or_dead_lettered(settings, kafka, tmp_path):
     result = run("llm_errors", settings, kafka, tmp_path, users=2, per_user=20)
     report = result["invariants"]
+    # the fault must have fired: a failed call (error or timeout) and its retry, counted by the
+    # LLM worker (otherwise the run proves nothing about retries)
+    counts = result["llm_worker_counts_last_process"]
+    assert counts["errors"] >= 1 and counts["retries"] >= 1, counts
     assert report["partitions"] > 0 and report["unsummarised"] == 0
     assert report["summaries"] + report["llm_dead_lettered"] >= report["partitions"]

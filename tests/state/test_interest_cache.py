@@ -76,3 +76,47 @@ def test_cache_follows_updates_never_goes_back_and_resumes_after_restart(setting
         assert cache.sync(timeout_s=30) == 1 and cache.get("u2") is None and len(cache) == 1
     finally:
         cache.close()
+
+
+# The local broker's message.max.bytes is 4 MiB (ops/local_kafka.py): a record that size (less
+# the batch's own bytes) is what the broker accepts and our 1 MB clients would never send.
+AT_BROKER_LIMIT = 4 * 1024 * 1024 - 512
+
+
+def test_oversize_and_malformed_records_are_counted_skipped_and_never_stop_the_cache(
+        settings, tmp_path, caplog):
+    create_topics(settings, log=lambda m: None)
+    good = vector("u1", 0, [1, 2])
+    with BehaviorProducer(settings, max_request_size=8 * 1024 * 1024) as producer:
+        for key, value in ((b"u1", b"x" * AT_BROKER_LIMIT),  # accepted by the broker
+                           (b"u1", b'{"schema": "interest-vector/1", "vector": "nope"}'),
+                           (b"u1", b"[1, 2]"), (b"\xff\xfe", good.encode()),
+                           (b"u1", good.encode())):
+            producer.send_raw(USER_INTERESTS, key, value)
+    with InterestCache(settings, tmp_path / "cache") as cache:
+        assert cache.sync(timeout_s=60) == 1
+        assert cache.get("u1")[0] == 0 and cache.stats["invalid"] == 4
+        assert any("oversize" in r.getMessage() for r in caplog.records)
+        # the background thread goes on after bad records too
+        send(settings, (b"u1", b"{broken"), vector("u1", 1, [3, 4]))
+        cache.start()
+        deadline = time.monotonic() + 30
+        while cache.get("u1")[0] != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cache.get("u1")[0] == 1 and cache.stats["invalid"] == 5
+
+
+def test_a_cache_reopened_under_another_model_drops_the_old_models_vectors(settings, tmp_path):
+    create_topics(settings, log=lambda m: None)
+    path = tmp_path / "cache"
+    send(settings, vector("u1", 2, [1, 1], model="m0"), vector("u2", 1, [2, 2], model="m1"))
+    with InterestCache(settings, path, model_version="m0") as cache:
+        cache.sync(timeout_s=30)
+        assert cache.get("u1")[0] == 2 and cache.get("u2") is None
+    with InterestCache(settings, path, model_version="m1") as cache:
+        cache.sync(timeout_s=30)
+        assert cache.get("u1") is None  # m0's vector, kept by the m0 cache
+        assert cache.entry("u2").model_version == "m1"  # skipped by the m0 cache: read again
+        assert len(cache) == 1
+    with InterestCache(settings, path, model_version="m1") as cache:  # same filter: resumes
+        assert cache.sync(timeout_s=30) == 0 and cache.get("u2")[0] == 1
