@@ -82,6 +82,51 @@ def bootstrap_diff(labels: np.ndarray, users: np.ndarray, base: np.ndarray,
             "unit": "test user"}
 
 
+def fit_seeds(config: dict, catalog, tensors: dict, seeds, *, epochs: int = 15,
+              patience: int = 2, log: Callable[[str], object] = lambda m: None
+              ) -> tuple[dict, dict]:
+    """One model per seed, trained with early stopping on validation AUC and scored on test:
+    (AUC and LogLoss mean/std with every run, {seed: test probabilities})."""
+    test = tensors["test"]
+    labels = test.label.numpy()
+    runs, probs = [], {}
+    for seed in seeds:
+        model = training.build_model(config, catalog, seed)
+        fit = training.fit(model, tensors["train"], tensors["val"],
+                           TrainConfig(epochs=epochs, patience=patience, seed=seed))
+        started = time.perf_counter()
+        p = training.predict(model, test)
+        scoring_s = time.perf_counter() - started
+        probs[seed] = p
+        runs.append({"seed": seed, "test_auc": auc(labels, p), "test_logloss": logloss(labels, p),
+                     "val_auc": fit.best_val_auc, "best_epoch": fit.best_epoch,
+                     "epochs_run": fit.epochs_run, "fit_s": fit.seconds,
+                     "scoring_us_per_sample": 1e6 * scoring_s / max(1, test.n)})
+        log(f"seed {seed}: test AUC {runs[-1]['test_auc']:.4f} "
+            f"logloss {runs[-1]['test_logloss']:.4f} (best epoch {fit.best_epoch})")
+    aucs = [r["test_auc"] for r in runs]
+    losses = [r["test_logloss"] for r in runs]
+    return {
+        "auc_mean": round(float(np.mean(aucs)), 5),
+        "auc_std": round(float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0, 5),
+        "logloss_mean": round(float(np.mean(losses)), 5),
+        "logloss_std": round(float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0, 5),
+        "runs": [{k_: (round(v, 5) if isinstance(v, float) else v) for k_, v in r.items()}
+                 for r in runs]}, probs
+
+
+def lift(labels: np.ndarray, users: np.ndarray, probs: dict, seeds, base: str, other: str,
+         rounds: int) -> dict:
+    """`other` against `base` on the same test samples: per-seed paired AUC differences and a
+    bootstrap over test users of the seed-averaged predictions."""
+    diffs = [auc(labels, probs[other, s]) - auc(labels, probs[base, s]) for s in seeds]
+    base_mean = np.mean([probs[base, s] for s in seeds], axis=0)
+    other_mean = np.mean([probs[other, s] for s in seeds], axis=0)
+    return {"paired_over_seeds": paired(diffs), "per_seed": [round(d, 5) for d in diffs],
+            "bootstrap_seed_averaged": bootstrap_diff(labels, users, base_mean, other_mean,
+                                                      rounds)}
+
+
 def run(settings, *, dataset: str = "ml-1m", users: int = 40, depth: int = 2, k: int = 2,
         history_len: int = 50, seeds=(0, 1, 2), backbones=BACKBONES, variants=VARIANTS,
         max_new_tokens: int = 40, batch_size: int = 20, epochs: int = 15, patience: int = 2,
@@ -106,44 +151,21 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 40, depth: int = 2, k:
                        for name, s in data.splits.items()}
             config = training.model_config(backbone, data.catalog, interest=source is not None,
                                            k=k)
-            runs = []
-            for seed in seeds:
-                model = training.build_model(config, data.catalog, seed)
-                cfg = TrainConfig(epochs=epochs, patience=patience, seed=seed)
-                fit = training.fit(model, tensors["train"], tensors["val"], cfg)
-                p = training.predict(model, tensors["test"])
+            results[backbone][variant], variant_probs = fit_seeds(
+                config, data.catalog, tensors, seeds, epochs=epochs, patience=patience,
+                log=lambda m, b=backbone, v=variant: log(f"{b}/{v} {m}"))
+            for seed, p in variant_probs.items():
                 probs[backbone, variant, seed] = p
-                runs.append({"seed": seed, "test_auc": auc(test.label, p),
-                             "test_logloss": logloss(test.label, p),
-                             "val_auc": fit.best_val_auc, "best_epoch": fit.best_epoch,
-                             "epochs_run": fit.epochs_run, "fit_s": fit.seconds})
-                log(f"{backbone}/{variant} seed {seed}: test AUC {runs[-1]['test_auc']:.4f} "
-                    f"logloss {runs[-1]['test_logloss']:.4f} (best epoch {fit.best_epoch})")
-            aucs = [r["test_auc"] for r in runs]
-            losses = [r["test_logloss"] for r in runs]
-            results[backbone][variant] = {
-                "auc_mean": round(float(np.mean(aucs)), 5),
-                "auc_std": round(float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0, 5),
-                "logloss_mean": round(float(np.mean(losses)), 5),
-                "logloss_std": round(float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0, 5),
-                "runs": [{k_: (round(v, 5) if isinstance(v, float) else v) for k_, v in r.items()}
-                         for r in runs]}
     lifts: dict = {}
     for backbone in backbones:
         lifts[backbone] = {}
         if "base" not in variants:
             break
-        base_mean = np.mean([probs[backbone, "base", s] for s in seeds], axis=0)
+        by_variant = {(v, s): probs[backbone, v, s] for v in variants for s in seeds}
         for variant in variants:
-            if variant == "base":
-                continue
-            diffs = [auc(test.label, probs[backbone, variant, s]) -
-                     auc(test.label, probs[backbone, "base", s]) for s in seeds]
-            other_mean = np.mean([probs[backbone, variant, s] for s in seeds], axis=0)
-            lifts[backbone][variant] = {
-                "paired_over_seeds": paired(diffs),
-                "bootstrap_seed_averaged": bootstrap_diff(test.label, test.user, base_mean,
-                                                          other_mean, bootstrap)}
+            if variant != "base":
+                lifts[backbone][variant] = lift(test.label, test.user, by_variant, seeds,
+                                                "base", variant, bootstrap)
     counts = {
         "users": {name: len(ids) for name, ids in data.users.items()},
         "samples": {name: len(s) for name, s in data.splits.items()},

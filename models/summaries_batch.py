@@ -97,9 +97,11 @@ def default_cache_path(settings) -> Path:
 
 def _key(mode: str, backend, settings, max_new_tokens: int, user_id: str, seq: int,
          prompt: prompts.ChatPrompt) -> str:
-    parts = [mode, backend.name, backend.model, prompts.TEMPLATE_VERSION, str(max_new_tokens),
+    parts = [mode, backend.name, backend.model, prompt.version, str(max_new_tokens),
              str(settings.llm_repetition_penalty), settings.llm_dtype,
              str(settings.llm_max_summary_chars), user_id, str(seq), prompt.sha256()]
+    if settings.llm_no_repeat_ngram:   # answers without the block stay under their old keys
+        parts.append(f"no-repeat-{settings.llm_no_repeat_ngram}")
     decoding = _decoding(settings, backend.name)
     if decoding:  # greedy and DARE-strict share answers (identical); relaxed ones differ
         parts.append(decoding)
@@ -137,6 +139,8 @@ class BatchSummariser:
         self._owns_backend = backend is None
         self.cache = cache or SummaryCache(default_cache_path(settings))
         self.log = log
+        self.transcript: list[tuple[str, str]] = []   # (prompt's user message, whole answer)
+        self.records: list[dict] = []                 # what this summariser generated
 
     @property
     def backend(self) -> backends.Backend:
@@ -146,9 +150,10 @@ class BatchSummariser:
 
     def describe(self) -> dict:
         return {"backend": self.s.llm_backend, "model": self.s.llm_model,
-                "template": prompts.TEMPLATE_VERSION, "max_new_tokens": self.max_new_tokens,
+                "template": self.s.llm_template, "max_new_tokens": self.max_new_tokens,
                 "batch_size": self.batch_size, "dtype": self.s.llm_dtype,
                 "repetition_penalty": self.s.llm_repetition_penalty,
+                "no_repeat_ngram_in_answer": self.s.llm_no_repeat_ngram,
                 "decoding": ("greedy, labelled lines forced (LineGuide)"
                              + (f"; {_decoding(self.s, self.s.llm_backend)}"
                                 if _decoding(self.s, self.s.llm_backend) else "")),
@@ -180,7 +185,8 @@ class BatchSummariser:
                             parts[d].activities, context=previous,
                             context_kind=prompts.CONTEXT_PREVIOUS if previous else prompts.CONTEXT_NONE,
                             max_title_chars=self.s.llm_max_title_chars,
-                            max_context_chars=self.s.llm_max_summary_chars)
+                            max_context_chars=self.s.llm_max_summary_chars,
+                            template=self.s.llm_template)
                         jobs.append((user, d, prompt, previous))
                 for (user, _, _, _), result in zip(jobs, self._answer(jobs, mode, stats)):
                     out[user].append(result)
@@ -195,7 +201,8 @@ class BatchSummariser:
                     earlier = [a for p in parts[:d] for a in p.activities]
                     prompt, dropped = prompts.fit_naive_prompt(
                         earlier, part.activities, self.backend.count_tokens,
-                        self.s.llm_max_prompt_tokens, max_title_chars=self.s.llm_max_title_chars)
+                        self.s.llm_max_prompt_tokens, max_title_chars=self.s.llm_max_title_chars,
+                        template=self.s.llm_template)
                     stats.naive_events_dropped += dropped
                     jobs.append((user, d, prompt, None))
             # similar lengths in one call pad less
@@ -226,14 +233,17 @@ class BatchSummariser:
             for i, generation in zip(chunk, generations):
                 record = self._parse(jobs[i], generation)
                 record["seconds"] = round(generation.seconds / len(chunk), 4)
+                record["call_s"] = round(generation.seconds, 3)
                 records[i] = record
+                self.records.append(record)
                 fresh.append((keys[i], record))
             self.cache.put_many(fresh)
             stats.generated += len(chunk)
             self.log(f"  {mode}: {stats.generated} generated, last call {len(chunk)} prompts "
                      f"in {generations[0].seconds:.1f}s")
         results = []
-        for record in records:
+        for job, record in zip(jobs, records):
+            self.transcript.append((job[2].user, job[2].prefix + record["text"]))
             stats.tokens_in += record["tokens_in"]
             stats.tokens_out += record["tokens_out"]
             stats.generation_s += record.get("seconds", 0.0)

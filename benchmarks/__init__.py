@@ -1,0 +1,1 @@
+"""Benchmarks: each `run(...)` returns one JSON object; `liber bench NAME` prints it."""
