@@ -12,6 +12,19 @@ ratings at a fixed rate, and the fault injected mid-replay:
     slow_llm            every LLM call is held 4 s and the queue is small: the consumer pauses
                         (backpressure), the stream worker keeps up, the lag drains afterwards
 
+With `cluster=3` (`liber chaos --cluster 3`) the pipeline runs on a three-node KRaft cluster
+(`ops.local_kafka.LocalKafkaCluster`: topics with replication 3, `min.insync.replicas` 2,
+every producer `acks=all`) and the faults are the cluster's own:
+
+    broker_kill                     SIGKILL of the broker leading most of the run's
+                                    partitions (not the active controller), then a restart
+    controller_kill                 SIGKILL of the active KRaft controller (the metadata
+                                    quorum's leader), then a restart
+    rolling_restart                 each node in turn stopped and started, the next only once
+                                    every replica is back in sync
+    stream_worker_kill_broker_down  SIGKILL of the stream worker while a broker is down; it
+                                    restarts and recovers on the two left, then the broker
+
 A supervisor restarts a worker that exits on its own (as systemd or Kubernetes would) and
 counts it. Once the replay is done and both consumer groups have no lag, the workers stop
 cleanly and `liber.invariants.check` reads the topics. `soak()` is the load run.
@@ -22,7 +35,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -34,7 +46,7 @@ from kafka.errors import KafkaError
 
 from liber import invariants, machine
 from liber.settings import Settings
-from ops.local_kafka import LocalKafka, free_port
+from ops.local_kafka import LocalKafka, LocalKafkaCluster, Scratch, free_port, popen_bound
 from ops.metrics import scrape
 from streams import movielens
 from streams.producer import BehaviorProducer
@@ -42,6 +54,8 @@ from streams.replay import in_laps, movie_item, rating_event, select
 from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, SUMMARIES, create_topics
 
 FAULTS = ("kill_stream_worker", "kill_llm_worker", "broker_restart", "llm_errors", "slow_llm")
+CLUSTER_FAULTS = ("broker_kill", "controller_kill", "rolling_restart",
+                  "stream_worker_kill_broker_down")
 FAULT_BACKEND = "liber.fault_backend:create"
 
 
@@ -75,8 +89,8 @@ class Proc:
         self.starts += 1
         _LIVE.append(self)
         log = open(self.log_dir / f"{self.command}-{self.starts}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "liber.cli", self.command], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = popen_bound([sys.executable, "-m", "liber.cli", self.command], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def alive(self) -> bool:
@@ -276,14 +290,16 @@ def load_events(settings: Settings, users: int, per_user: int, dataset: str = "m
             [movie_item(m) for m in movielens.load_items(data_dir, dataset)])
 
 
-def run_fault(fault: str, base: Settings, broker: LocalKafka, workdir: Path, *, users: int,
-              per_user: int, replay_s: float, drain_s: float, with_llm: bool = True,
-              log=print) -> dict:
+def run_fault(fault: str, base: Settings, broker: LocalKafka | LocalKafkaCluster, workdir: Path,
+              *, users: int, per_user: int, replay_s: float, drain_s: float,
+              with_llm: bool = True, log=print) -> dict:
     """Run one fault and return its figures and the invariants' report."""
     llm_env = {}
     overrides = dict(batch_size=25, llm_backend=FAULT_BACKEND, llm_max_new_tokens=32, llm_batch_size=8,
                      llm_retry_backoff_s=0.5, llm_max_attempts=4, log_level="INFO",
                      drift_threshold=0.0)
+    if isinstance(broker, LocalKafkaCluster):
+        overrides["replication_factor"] = broker.size  # Faust's changelogs too
     if fault == "llm_errors":
         llm_env = {"LIBER_FAULT_ERROR_EVERY": "3", "LIBER_FAULT_TIMEOUT_EVERY": "5",
                    "LIBER_FAULT_TIMEOUT_S": "2"}
@@ -304,9 +320,14 @@ def run_fault(fault: str, base: Settings, broker: LocalKafka, workdir: Path, *, 
     # the catalogue loaded = the stream worker consumes: only now does the replay's clock start
     wait_until(lambda: (pipe.stream.metric("liber_items_loaded_total") or 0) >= len(items), 180,
                pipe)
+    replication = replication_of(settings, broker) if isinstance(broker, LocalKafkaCluster) \
+        else None
     replay = Replay(settings, events, rate=max(1.0, len(events) / replay_s))
     replay.start()
-    injected = inject(fault, pipe, broker, len(events), log)
+    if isinstance(broker, LocalKafkaCluster):
+        injected = inject_cluster(fault, pipe, broker, len(events), log)
+    else:
+        injected = inject(fault, pipe, broker, len(events), log)
     while replay.is_alive():
         pipe.supervise()
         pipe.sample()
@@ -334,6 +355,9 @@ def run_fault(fault: str, base: Settings, broker: LocalKafka, workdir: Path, *, 
         "llm_worker_counts_last_process": llm_counts, "fusion_worker": with_fusion,
         "invariants": report.to_dict(),
     }
+    if replication is not None:
+        result["replication"] = replication
+        result["ok"] = result["ok"] and replication["ok"]
     if pipe.llm:
         queue = [r["llm_queue"] for r in pipe.samples if r.get("llm_queue") is not None]
         llm_lags = [r["llm_lag"] for r in pipe.samples if r.get("llm_lag") is not None]
@@ -391,24 +415,163 @@ def inject(fault: str, pipe: Pipeline, broker: LocalKafka, total: int, log) -> d
     return {"from_start": True}
 
 
+# --- cluster faults ----------------------------------------------------------------------------
+def run_topics(settings: Settings, cluster: LocalKafkaCluster) -> list[str]:
+    """The run's topics: its prefixed ones and Faust's changelogs (named after the app id)."""
+    admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=10000)
+    try:
+        return sorted(t for t in admin.list_topics()
+                      if t.startswith(settings.topic_prefix) or t.startswith(settings.app_id))
+    finally:
+        admin.close()
+
+
+def replication_of(settings: Settings, cluster: LocalKafkaCluster) -> dict:
+    """Replication factor and min.insync.replicas of the run's topics and of the consumer
+    offsets, as the cluster reports them."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+    topics = run_topics(settings, cluster) + ["__consumer_offsets"]
+    factors = {p["topic"]: len(p["replicas"]) for p in cluster.partitions(topics)}
+    admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=10000)
+    try:
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, configs={"min.insync.replicas": None})
+             for t in topics], config_filter="all")
+    finally:
+        admin.close()
+    min_isr = {name: int(configs["min.insync.replicas"]["value"])
+               for by_name in described.values() for name, configs in by_name.items()
+               if "min.insync.replicas" in configs}
+    wanted_isr = min(cluster.min_insync, cluster.size)
+    return {"topics": len(topics),
+            "replication_factors": sorted(set(factors.values())),
+            "min_insync_replicas": sorted(set(min_isr.values())),
+            "ok": len(factors) == len(topics) and set(factors.values()) == {cluster.size}
+            and len(min_isr) == len(topics) and set(min_isr.values()) == {wanted_isr}}
+
+
+def inject_cluster(fault: str, pipe: Pipeline, cluster: LocalKafkaCluster, total: int,
+                   log) -> dict:
+    """A cluster fault at ~40% of the events in; every node is back and in sync on return."""
+    def events_in() -> float:
+        return pipe.stream.metric("liber_events_in_total") or 0.0
+
+    # the fault hits a running pipeline, not one whose workers are still joining
+    groups = [pipe.settings.app_id] + ([f"{pipe.settings.app_id}-llm"] if pipe.llm else [])
+    ready = wait_until(lambda: all(_group_stable(cluster, g) for g in groups), 300, pipe, every=1)
+    reached = wait_until(lambda: events_in() >= 0.4 * total, 300, pipe)
+    at = events_in()
+    topics = run_topics(pipe.settings, cluster)
+    started = time.monotonic()
+    out: dict = {"at_events_in": at, "reached": reached, "workers_joined_first": ready}
+    if fault in ("broker_kill", "stream_worker_kill_broker_down"):
+        controller = cluster.active_controller()
+        leaders = cluster.leaders(topics)
+        victim = max((n for n in leaders if n > 0 and n != controller),
+                     key=leaders.get, default=next(n.node_id for n in cluster.nodes
+                                                   if n.node_id != controller))
+        cluster.node(victim).kill(log=log)
+        log(f"{fault}: SIGKILL of broker {victim} at {at:.0f}/{total} events in")
+        # its partitions get new leaders among the two left
+        moved = _poll_quiet(lambda: victim not in cluster.leaders(topics), 60)
+        out.update(node=victim, leaders_before=_keys(leaders),
+                   leaders_while_down=_keys(cluster.leaders(topics)), leaders_moved=moved)
+        if fault == "stream_worker_kill_broker_down":
+            pipe.stream.kill()
+            before = events_in()
+            log(f"{fault}: SIGKILL of the stream worker with broker {victim} down")
+            pipe.stream.start()
+            # the restarted worker recovers its state and consumes on the two brokers left
+            out["stream_worker_resumed_with_broker_down"] = wait_until(
+                lambda: events_in() > 0 and (events_in() > before or
+                                              pipe.sample()["stream_lag"] == 0), 300, pipe)
+        else:
+            time.sleep(5)  # producers and consumers carry on without it for a while
+        cluster.restart(victim, log=log)
+    elif fault == "controller_kill":
+        controller = cluster.active_controller()
+        cluster.node(controller).kill(log=log)
+        log(f"{fault}: SIGKILL of the active controller {controller} at {at:.0f}/{total} events in")
+        new = _poll_quiet(lambda: (lambda c: c if c != controller else None)(
+            cluster.active_controller()), 60)
+        out.update(killed_controller=controller, new_controller=new)
+        time.sleep(3)
+        cluster.restart(controller, log=log)
+    elif fault == "rolling_restart":
+        for node in cluster.nodes:
+            log(f"{fault}: restarting broker {node.node_id}")
+            node.stop(log=log)
+            cluster.restart(node.node_id, log=log)
+        out["order"] = [n.node_id for n in cluster.nodes]
+    else:
+        raise ValueError(f"not a cluster fault: {fault}")
+    out["fault_seconds"] = round(time.monotonic() - started, 1)
+    out["leaders_after"] = _keys(cluster.leaders(topics))
+    return out
+
+
+def _group_stable(cluster: LocalKafkaCluster, group: str) -> bool:
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=5000)
+        try:
+            info = admin.describe_groups([group]).get(group, {})
+        finally:
+            admin.close()
+    except (KafkaError, OSError):
+        return False
+    return info.get("group_state") == "Stable" and bool(info.get("members"))
+
+
+def _keys(counts: dict) -> dict:
+    return {str(k): v for k, v in sorted(counts.items())}
+
+
+def _poll_quiet(probe, timeout: float):
+    """probe() until it is true (client errors while the cluster settles count as not yet);
+    its last value."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+        except (KafkaError, OSError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    return value
+
+
 # --- entry points ------------------------------------------------------------------------------
-def _broker(settings: Settings, workdir: Path) -> LocalKafka:
+def _quiet() -> None:
     import logging
     for noisy in ("kafka", "aiokafka"):  # client retries during faults are expected
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    # SIGTERM must unwind through the `finally`s that stop the workers and the broker
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def _broker(settings: Settings, workdir: Path, cluster: int = 0):
+    """The run's broker, or with `cluster` that many nodes. Neither outlives this process
+    (ops/local_kafka.py), and SIGTERM unwinds through the `finally`s that stop them."""
+    _quiet()
+    if cluster:
+        return LocalKafkaCluster(settings.home, workdir / "kafka", size=cluster)
     return LocalKafka(settings.home, workdir / "kafka", port=free_port())
 
 
-def run(settings: Settings, faults=FAULTS, *, users: int = 10, per_user: int = 50,
+def run(settings: Settings, faults=None, *, users: int = 10, per_user: int = 50,
         replay_s: float = 20.0, drain_s: float = 600.0, workdir: str | None = None,
-        log=print) -> dict:
-    root = Path(workdir or tempfile.mkdtemp(prefix="liber-chaos-"))
-    broker = _broker(settings, root)
-    broker.start(log=log)
+        cluster: int = 0, log=print) -> dict:
+    """Each fault on its own pipeline; `cluster`: on a cluster of that many nodes, with the
+    cluster's faults by default. A temporary work directory is kept when the run returns
+    (the result names it) and removed when it is interrupted."""
+    faults = tuple(faults or (CLUSTER_FAULTS if cluster else FAULTS))
+    scratch = None if workdir else Scratch("liber-chaos-")
+    root = Path(workdir) if workdir else scratch.path
+    broker = _broker(settings, root, cluster)
     results = []
+    finished = False
     try:
+        broker.start(log=log)
         for fault in faults:
             log(f"== {fault}")
             results.append(run_fault(fault, settings, broker, root, users=users,
@@ -418,11 +581,18 @@ def run(settings: Settings, faults=FAULTS, *, users: int = 10, per_user: int = 5
             log(f"   events_in={r['events_in']} accounted={r['events_accounted']} lost={r['lost']} "
                 f"duplicate_summaries={r['duplicate_summaries']} "
                 f"version_regressions={r['version_regressions']} ok={r['ok']}")
+        finished = True
     finally:
         stop_all()
         broker.stop(log=log)
-    return {"faults": results, "ok": all(r["ok"] for r in results), "workdir": str(root),
-            "users": users, "per_user": per_user, "machine": machine.describe()}
+        if scratch:
+            scratch.close(keep=finished)
+    result = {"faults": results, "ok": all(r["ok"] for r in results), "workdir": str(root),
+              "users": users, "per_user": per_user, "machine": machine.describe()}
+    if cluster:
+        result["cluster"] = {"nodes": cluster, "min_insync_replicas": broker.min_insync,
+                             "broker_heap": broker.heap}
+    return result
 
 
 def soak_events(ratings: list, count: int, users: int | None = None) -> tuple[list, int]:
@@ -451,10 +621,12 @@ def soak(settings: Settings, seconds: float, rate: float, *, users: int | None =
          log=print) -> dict:
     """Replay MovieLens-1M at `rate` events/s for `seconds` (`users`: a fixed population in
     laps, see `soak_events`); sample lag and memory."""
-    root = Path(workdir or tempfile.mkdtemp(prefix="liber-soak-"))
+    scratch = None if workdir else Scratch("liber-soak-")
+    root = Path(workdir) if workdir else scratch.path
     broker = _broker(settings, root)
-    broker.start(log=log)
+    finished = False
     try:
+        broker.start(log=log)
         s = pipeline_settings(settings, broker.bootstrap, root / "state", "soak",
                               drift_threshold=0.0, log_level="WARNING")
         log_dir = root / "logs"
@@ -483,9 +655,12 @@ def soak(settings: Settings, seconds: float, rate: float, *, users: int | None =
         drained = pipe.drain(300, log)
         pipe.stop()
         report = invariants.check(s, require_summaries=with_llm)
+        finished = True
     finally:
         stop_all()
         broker.stop(log=log)
+        if scratch:
+            scratch.close(keep=finished)
     rows = [r for r in pipe.samples if r["stream_rss_mb"] is not None]
     lags = [r["stream_lag"] for r in pipe.samples if r["stream_lag"] is not None]
     # Memory trend over the replay only (not the drain), after a minute of warm-up.

@@ -14,7 +14,7 @@ def _broker(settings: Settings, args):
     from ops.local_kafka import LocalKafka
     data_dir = Path(args.data_dir or Path(settings.home) / "broker")
     port = args.port or int(settings.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
-    return LocalKafka(settings.home, data_dir, port=port)
+    return LocalKafka(settings.home, data_dir, port=port, detached=True)  # outlives the command
 
 
 def cmd_kafka(settings: Settings, args) -> int:
@@ -106,8 +106,21 @@ def bench_fusion(settings: Settings, args) -> dict:
     return run(settings, users=args.users, log=lambda m: print(m, file=sys.stderr))
 
 
+def bench_llm(settings: Settings, args) -> dict:
+    from benchmarks.bench_llm import run
+    return run(settings, users=args.llm_users, depth=args.llm_depth,
+               only=args.only.split(",") if args.only else None,
+               log=lambda m: print(m, file=sys.stderr))
+
+
+def bench_summaries(settings: Settings, args) -> dict:
+    from benchmarks.bench_summaries import run
+    return run(settings, users=args.llm_users, depth=args.llm_depth, fastest=args.fastest,
+               log=lambda m: print(m, file=sys.stderr))
+
+
 BENCHMARKS = {"stream": bench_stream, "dare": bench_dare, "llm-cost": bench_llm_cost,
-              "fusion": bench_fusion}
+              "fusion": bench_fusion, "llm": bench_llm, "summaries": bench_summaries}
 
 
 def cmd_bench(settings: Settings, args) -> int:
@@ -170,9 +183,16 @@ def cmd_chaos(settings: Settings, args) -> int:
                             workdir=args.workdir, log=log)
         ok = result["invariants_ok"] and result["drained"]
     else:
-        result = chaos.run(settings, args.fault or chaos.FAULTS, users=args.users,
+        known = chaos.CLUSTER_FAULTS if args.cluster else chaos.FAULTS
+        wrong = sorted(set(args.fault or ()) - set(known))
+        if wrong:
+            print(f"liber chaos: {', '.join(wrong)}: not a fault of "
+                  f"{'a cluster' if args.cluster else 'one broker'}; known: {', '.join(known)}",
+                  file=sys.stderr)
+            return 2
+        result = chaos.run(settings, args.fault or known, users=args.users,
                            per_user=args.per_user, replay_s=args.replay_s,
-                           workdir=args.workdir, log=log)
+                           workdir=args.workdir, cluster=args.cluster, log=log)
         ok = result["ok"]
     print(json.dumps(result, indent=None if args.json else 2, default=str))
     return 0 if ok else 1
@@ -189,17 +209,38 @@ def cmd_train(settings: Settings, args) -> int:
 
 
 def cmd_eval(settings: Settings, args) -> int:
-    from models.evaluation import VARIANTS, run
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if args.protocol == "shallow":
+        from models.evaluation import VARIANTS, run
+        variants = args.variants or "base,liber,naive,item_text"
+    else:
+        from models.lifelong_eval import DEFAULT_VARIANTS, VARIANTS
+        variants = args.variants or ",".join(DEFAULT_VARIANTS)
+    unknown = set(variants.split(",")) - set(VARIANTS)
     if unknown:
-        print(f"liber eval: unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}",
-              file=sys.stderr)
+        print(f"liber eval: unknown variants {sorted(unknown)}; known for the {args.protocol} "
+              f"protocol: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    result = run(settings, dataset=args.dataset, users=args.users, depth=args.depth, k=args.k,
-                 seeds=tuple(range(args.seeds)), max_new_tokens=args.max_new_tokens,
-                 batch_size=args.llm_batch, epochs=args.epochs,
-                 variants=tuple(args.variants.split(",")),
-                 log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.protocol == "shallow":
+        result = run(settings, dataset=args.dataset, users=args.users, depth=args.depth,
+                     k=args.k, seeds=tuple(range(args.seeds)),
+                     max_new_tokens=args.max_new_tokens, batch_size=args.llm_batch,
+                     epochs=args.epochs, variants=tuple(variants.split(",")), log=log)
+    else:
+        from llm_workers.backends import fastest
+        from models.lifelong_data import LifelongConfig
+        from models.lifelong_eval import run as run_lifelong
+        if args.llm == "fastest":
+            settings = fastest(settings)
+        log(f"summaries by {settings.llm_backend} ({settings.llm_dtype}, "
+            f"template {settings.llm_template})")
+        cfg = LifelongConfig(min_ratings=args.min_ratings, max_history=args.max_history,
+                             sample_share=args.sample_share, window=args.window,
+                             long_window=args.long_window)
+        result = run_lifelong(settings, users=args.users, cfg=cfg, k=args.k,
+                              seeds=tuple(range(args.seeds)), variants=tuple(variants.split(",")),
+                              max_new_tokens=args.max_new_tokens, batch_size=args.llm_batch,
+                              epochs=args.epochs, log=log)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -309,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-sample-depth", type=int, default=3,
                    help="partitions generated per sampled user, in cascade order")
     g.add_argument("--naive-sample", type=int, default=3, help="naive prompts really generated")
+    g = p.add_argument_group("llm, summaries (the LLM stage's configurations; summary quality)")
+    g.add_argument("--llm-users", type=int, default=16, help="MovieLens-1M users summarised")
+    g.add_argument("--llm-depth", type=int, default=2, help="partitions per user, in cascade "
+                                                            "order")
+    g.add_argument("--only", help="llm: comma-separated configurations (default all)")
+    g.add_argument("--fastest", action="store_true",
+                   help="summaries: the fastest backend here instead of the settings' own")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("llm-worker", help="run the LLM worker (UIL: partitions.closed -> summaries)")
@@ -334,8 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chaos", help="inject faults during a MovieLens replay and check invariants "
                                       "(or --soak: a load run); prints one JSON object")
     p.add_argument("--fault", action="append", choices=["kill_stream_worker", "kill_llm_worker",
-                                                        "broker_restart", "llm_errors", "slow_llm"],
-                   help="run only this fault (repeatable; default: all, one at a time)")
+                                                        "broker_restart", "llm_errors", "slow_llm",
+                                                        "broker_kill", "controller_kill",
+                                                        "rolling_restart",
+                                                        "stream_worker_kill_broker_down"],
+                   help="run only this fault (repeatable; default: all, one at a time; the last "
+                        "four need --cluster)")
+    p.add_argument("--cluster", type=int, default=0, metavar="N",
+                   help="run on an N-node KRaft cluster (replication N, min.insync.replicas 2) "
+                        "with the cluster's faults")
     p.add_argument("--users", type=int, default=10, help="first N MovieLens-100K users")
     p.add_argument("--per-user", type=int, default=50, help="first N events of each user")
     p.add_argument("--replay-s", type=float, default=20.0, help="spread the replay over N seconds")
@@ -357,12 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(models/decoding_quality.py)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--dataset", default="ml-1m", choices=["ml-100k", "ml-1m"])
-        p.add_argument("--users", type=int, default=40, help="users drawn (split 70/15/15)")
+        p.add_argument("--users", type=int, default=300 if name == "eval" else 40,
+                       help="users drawn (split 70/15/15)")
         p.add_argument("--depth", type=int, default=2, help="partitions summarised per user")
         p.add_argument("--k", type=int, default=2, help="latest partition summaries fused")
         p.add_argument("--epochs", type=int, default=15, help="most epochs (early stopping)")
-        p.add_argument("--max-new-tokens", type=int, default=40, help="LLM answer cap")
-        p.add_argument("--llm-batch", type=int, default=20, help="prompts per LLM call")
+        p.add_argument("--max-new-tokens", type=int, default=64 if name == "eval" else 40,
+                       help="LLM answer cap")
+        p.add_argument("--llm-batch", type=int, default=64 if name == "eval" else 20,
+                       help="prompts per LLM call")
         if name == "train":
             p.add_argument("--source", default="cascade", choices=["cascade", "naive", "item_text"])
             p.add_argument("--backbone", default="din", choices=["din", "dcnv2"])
@@ -379,9 +437,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 "llm_repetition_penalty=1.15 (repeatable)")
             p.set_defaults(func=cmd_eval_dare)
         elif name == "eval":
-            p.add_argument("--variants", default="base,liber,naive,item_text",
-                           help="comma-separated; e.g. base,item_text (no LLM) scales to "
-                                "many users on CPU")
+            p.add_argument("--protocol", default="lifelong", choices=["lifelong", "shallow"],
+                           help="lifelong (default): long histories, late samples, a short "
+                                "ranker window (models/lifelong_eval.py); shallow: the earlier "
+                                "protocol (--depth partitions, 50-rating history)")
+            p.add_argument("--variants", help="comma-separated (lifelong default: "
+                                              "base,base_long,aggregate,liber; also naive)")
+            p.add_argument("--window", type=int, default=10, help="lifelong: ratings the "
+                                                                  "ranker sees")
+            p.add_argument("--long-window", type=int, default=200,
+                           help="lifelong: ratings base_long sees")
+            p.add_argument("--min-ratings", type=int, default=100,
+                           help="lifelong: users with at least this many ratings")
+            p.add_argument("--max-history", type=int, default=200,
+                           help="lifelong: each history cut to its first N ratings")
+            p.add_argument("--sample-share", type=float, default=0.2,
+                           help="lifelong: samples from the last share of each history")
+            p.add_argument("--llm", default="fastest", choices=["fastest", "settings"],
+                           help="lifelong: summaries by the fastest backend here (vLLM, "
+                                "bfloat16 with AMX) or exactly as the LIBER_LLM_* settings say")
             p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("status", help="lag, throughput, LLM cost and recent partition closes of a "

@@ -8,23 +8,23 @@ Starts its own local broker, replays a MovieLens dataset into `behaviors`, then
 3. runs `liber worker` as a separate process from an empty state and times it from its first
    to its last event (read from its Prometheus metrics), with its peak RSS and CPU seconds.
 Prints one JSON object. CPU seconds per event are the robust figure on a shared machine.
+The broker, the workers and the temporary directory do not outlive the run, even one ended by
+SIGTERM or SIGKILL (ops/local_kafka.py).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from liber import machine
 from liber.settings import Settings
-from ops.local_kafka import LocalKafka, free_port
+from ops.local_kafka import LocalKafka, Scratch, free_port, popen_bound, run_bound
 from ops.metrics import scrape
 from streams.replay import replay
 from streams.topics import BEHAVIORS, create_topics
@@ -59,8 +59,8 @@ def _cpu_s(pid: int) -> float:
 
 def _faust_floor(settings: Settings, total: int, out: Path, timeout: float) -> dict:
     env = {**os.environ, **settings.replace(app_id="liber-bench-floor").to_env()}
-    proc = subprocess.run([sys.executable, "-m", "streams.faust_floor", str(total), str(out)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_bound([sys.executable, "-m", "streams.faust_floor", str(total), str(out)],
+                     env=env, capture_output=True, text=True, timeout=timeout)
     if not out.exists():
         raise RuntimeError(f"faust floor failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
     return json.loads(out.read_text())
@@ -78,8 +78,8 @@ def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
     port = free_port()
     env = {**os.environ, **settings.replace(metrics_port=port, log_level="WARNING").to_env()}
     with open(log_path, "wb") as worker_log:
-        proc = subprocess.Popen([sys.executable, "-m", "liber.cli", "worker"], env=env,
-                                stdout=worker_log, stderr=subprocess.STDOUT)
+        proc = popen_bound([sys.executable, "-m", "liber.cli", "worker"], env=env,
+                           stdout=worker_log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         first = last = None
@@ -119,12 +119,13 @@ def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
 
 def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
         timeout: float = 3600.0, log=print) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="liber-bench-stream-"))
+    scratch = Scratch("liber-bench-stream-")
+    work = scratch.path
     broker = LocalKafka(settings.home, work / "kafka", port=free_port())
     settings = settings.replace(bootstrap_servers=broker.bootstrap, state_dir=str(work / "state"),
                                 app_id="liber-bench", topic_prefix="bench.")
-    broker.start(log=log)
     try:
+        broker.start(log=log)
         create_topics(settings, log=lambda m: None)
         produced = replay(settings, dataset, limit=limit, progress=False, log=log)
         log(f"bare consumer: reading {produced.events} events ...")
@@ -152,4 +153,4 @@ def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
                 "load_avg_1m": round(os.getloadavg()[0], 2), "machine": machine.describe()}
     finally:
         broker.stop(log=log)
-        shutil.rmtree(work, ignore_errors=True)
+        scratch.close()
