@@ -37,6 +37,7 @@ from streams import movielens, partitioner
 VARIANTS = ("base", "base_long", "aggregate", "liber", "naive")
 DEFAULT_VARIANTS = ("base", "base_long", "aggregate", "liber")
 SOURCE_OF = {"aggregate": "aggregate", "liber": "cascade", "naive": "naive"}
+NAIVE_CONTEXT = 4096   # the vLLM backend's max_model_len
 COMPARISONS = (("liber", "base"), ("liber", "aggregate"), ("liber", "base_long"),
                ("aggregate", "base"), ("base_long", "base"), ("naive", "liber"))
 
@@ -83,16 +84,20 @@ def prepare(settings, *, users: int, cfg: LifelongConfig, k: int, sources, data_
         out["lookups"]["aggregate"] = {n: table.lookup(s) for n, s in samples.items()}
     llm_sources = [s for s in sources if s in ("cascade", "naive")]
     if llm_sources:
-        summariser = BatchSummariser(settings, max_new_tokens=max_new_tokens,
+        # naive prompts must leave room for the answer in vLLM's 4,096-token context
+        llm_settings = settings.replace(llm_max_prompt_tokens=min(
+            settings.llm_max_prompt_tokens, NAIVE_CONTEXT - max_new_tokens - 16))
+        summariser = BatchSummariser(llm_settings, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, log=log)
         out["stats"]["summariser"] = summariser.describe()
         try:
             for source in llm_sources:
                 started = time.monotonic()
                 summariser.transcript = []
-                by_user, stats = summariser.run(parts, source)
+                by_user, stats = summariser.run(
+                    parts, source, only=_naive_needed(samples, k) if source == "naive" else None)
                 wall = time.monotonic() - started
-                events = sum(len(p.activities) for ps in parts.values() for p in ps)
+                events = _events_covered(parts, by_user, source)
                 out["summaries"][source] = by_user
                 out["stats"][source] = {
                     **stats.as_dict(), "wall_s": round(wall, 1),
@@ -105,6 +110,9 @@ def prepare(settings, *, users: int, cfg: LifelongConfig, k: int, sources, data_
                     "tokens_out_per_summary": round(stats.tokens_out / max(1, stats.prompts), 1),
                     "quality": summary_quality.measure(summariser.transcript,
                                                        [catalog.text[i] for i in catalog.text])}
+                if source == "naive":
+                    out["stats"][source]["every_close_tokens_per_1k_events"] = \
+                        _naive_every_close(summariser, parts, stats)
                 log(f"{source}: {stats.prompts} summaries ({stats.generated} generated in "
                     f"{wall:.0f}s, {stats.cached} cached, {stats.failed} failed)")
                 table = VectorTable(k)
@@ -115,6 +123,51 @@ def prepare(settings, *, users: int, cfg: LifelongConfig, k: int, sources, data_
         finally:
             summariser.close()
     return out
+
+
+def _naive_every_close(summariser: BatchSummariser, parts: dict, stats) -> float:
+    """What naive costs in production, where every close re-reads the history: the prompt
+    tokens of every partition's naive prompt (counted, not generated) plus the mean answer,
+    per 1,000 events."""
+    from llm_workers import prompts
+    s = summariser.s
+    tokens, events, closes = 0, 0, 0
+    for ps in parts.values():
+        for d, part in enumerate(ps):
+            earlier = [a for p in ps[:d] for a in p.activities]
+            prompt, _ = prompts.fit_naive_prompt(
+                earlier, part.activities, summariser.backend.count_tokens,
+                s.llm_max_prompt_tokens, max_title_chars=s.llm_max_title_chars,
+                template=s.llm_template)
+            tokens += summariser.backend.count_tokens(prompt)
+            events += len(part.activities)
+            closes += 1
+    answer = stats.tokens_out / max(1, stats.prompts)
+    return round(1000 * (tokens + answer * closes) / max(1, events), 1)
+
+
+def _naive_needed(samples: dict, k: int) -> dict[str, set[int]]:
+    """The partitions whose naive summaries some sample reads: the latest k before it."""
+    needed: dict[str, set[int]] = {}
+    for s in samples.values():
+        for u, known in zip(s.user, s.known):
+            needed.setdefault(s.users[u], set()).update(range(max(0, known - k), known))
+    return needed
+
+
+def _events_covered(parts: dict, by_user: dict, source: str) -> int:
+    """Events the summaries of `source` describe: every summarised partition's own events for
+    the cascade; for naive, each summary re-reads the whole history, but the events it covers
+    are counted once per user, up to the deepest partition summarised."""
+    total = 0
+    for user, ps in parts.items():
+        done = [i for i, x in enumerate(by_user[user]) if x is not None] \
+            if source == "naive" else range(len(ps))
+        if source == "naive":
+            total += sum(len(p.activities) for p in ps[: max(done) + 1]) if done else 0
+        else:
+            total += sum(len(p.activities) for p in ps)
+    return total
 
 
 def _tensors(data: dict, variant: str, cfg: LifelongConfig) -> dict:
@@ -233,9 +286,8 @@ def _protocol(settings, cfg, k, seeds, epochs, patience, data) -> dict:
 
 
 def _counts(data: dict) -> dict:
-    summaries = {src: {"ok": sum(x is not None for v in by_user.values() for x in v),
-                       "failed": sum(x is None for v in by_user.values() for x in v)}
-                 for src, by_user in data["summaries"].items()}
+    summaries = {src: {"ok": data["stats"][src]["prompts"] - data["stats"][src]["failed"],
+                       "failed": data["stats"][src]["failed"]} for src in data["summaries"]}
     depth = np.asarray(list(data["depth"].values()))
     return {
         "eligible_users": data["eligible"],

@@ -162,10 +162,13 @@ class BatchSummariser:
                 "naive_max_prompt_tokens": self.s.llm_max_prompt_tokens,
                 "cold_user_context": "none (collective summaries not used in batch)"}
 
-    def run(self, partitions: dict[str, Sequence[BatchPartition]], mode: str = "cascade"
+    def run(self, partitions: dict[str, Sequence[BatchPartition]], mode: str = "cascade",
+            only: dict[str, set[int]] | None = None
             ) -> tuple[dict[str, list[SummaryText | None]], BatchStats]:
         """{user: partitions seq 0..n-1 in order} -> ({user: [summary or None if failed]},
-        stats). Every partition given is summarised (callers choose how deep to go)."""
+        stats). Every partition given is summarised (callers choose how deep to go), except
+        in naive mode with `only`: there each summary stands alone, so just the seqs in
+        `only[user]` are (the others come back as None)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         for user, parts in partitions.items():
@@ -198,6 +201,8 @@ class BatchSummariser:
             jobs = []
             for user, parts in partitions.items():
                 for d, part in enumerate(parts):
+                    if only is not None and d not in only.get(user, ()):
+                        continue
                     earlier = [a for p in parts[:d] for a in p.activities]
                     prompt, dropped = prompts.fit_naive_prompt(
                         earlier, part.activities, self.backend.count_tokens,
@@ -210,7 +215,7 @@ class BatchSummariser:
             results = self._answer(jobs, mode, stats)
             by_key = {(u, d): r for (u, d, _, _), r in zip(jobs, results)}
             for user, parts in partitions.items():
-                out[user] = [by_key[user, d] for d in range(len(parts))]
+                out[user] = [by_key.get((user, d)) for d in range(len(parts))]
             self.log(f"naive: {len(jobs)} partitions ({stats.generated} generated, "
                      f"{stats.cached} cached)")
         return out, stats
