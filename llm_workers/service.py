@@ -53,6 +53,9 @@ COMMIT_INTERVAL_S = 0.5
 MAX_BACKOFF_S = 60.0
 STOP_GRACE_S = 10.0
 SEND_TRIES = 3  # sends of one record after a retriable failure (the client retries inside each)
+# One try to reach the cluster at start; a failed one is logged and made again, without end.
+BOOTSTRAP_TIMEOUT_MS = 10_000
+RESTORE_RETRY_S = 1.0
 
 
 @dataclass(eq=False)
@@ -189,21 +192,25 @@ class LLMWorker:
         self._produced: dict[int, int] = {}
         self._committed: dict = {}
         self._to_restore: set = set()
-        kafka = dict(bootstrap_servers=settings.bootstrap_servers, **settings.kafka_client_options())
+        kafka = dict(bootstrap_servers=settings.bootstrap_servers,
+                     bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS, **settings.kafka_client_options())
         # Not idempotent: kafka-python's idempotent producer takes any refused record (too
         # large for a topic) as fatal and fails every later send. One request in flight keeps
         # the order; a retry may duplicate a record, which every reader of ours tolerates.
-        self.producer = KafkaProducer(client_id=f"{settings.app_id}-llm", acks="all",
-                                      enable_idempotence=False,
-                                      max_in_flight_requests_per_connection=1, linger_ms=5,
-                                      retries=10, **kafka)
+        self.producer = until_reachable("producer", lambda: KafkaProducer(
+            client_id=f"{settings.app_id}-llm", acks="all", enable_idempotence=False,
+            max_in_flight_requests_per_connection=1, linger_ms=5, retries=10, **kafka))
         self.outbox = Outbox(self.producer, self.topic_dlq, metrics.SEND_FAILURES, logger=log,
                              prefix=settings.topic_prefix)
-        self.consumer = KafkaConsumer(
+        self.consumer = until_reachable("consumer", lambda: KafkaConsumer(
             client_id=f"{settings.app_id}-llm", group_id=f"{settings.app_id}-llm",
             enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_records=min(500, settings.llm_max_queue), **kafka)
-        self._closed_partitions = len(self.consumer.partitions_for_topic(self.topic_in) or ()) or \
+            max_poll_records=min(500, settings.llm_max_queue), **kafka))
+        # The metadata request goes to any broker the client knows, a dead one included (a
+        # broker stays listed until the controller fences it): tried again, not fatal.
+        self._closed_partitions = until_reachable(
+            f"partitions of {self.topic_in}",
+            lambda: len(self.consumer.partitions_for_topic(self.topic_in) or ())) or \
             settings.topic_partitions
         self.consumer.subscribe([self.topic_in], listener=RebalanceForwarder(self))
 
@@ -232,9 +239,17 @@ class LLMWorker:
             # again) need neither a restore nor a rewind
             fresh = {tp for tp in assigned if not self.offsets.tracks(tp)}
             if fresh:
-                restore.catch_up(self.s, self.store, sorted(tp.partition for tp in fresh),
-                                 self._closed_partitions)
-                self._rewind(fresh)
+                try:
+                    restore.catch_up(self.s, self.store, sorted(tp.partition for tp in fresh),
+                                     self._closed_partitions)
+                    self._rewind(fresh)
+                except (KafkaError, TimeoutError) as exc:
+                    # a broker going away meanwhile: their records wait for the next step,
+                    # which restores and rewinds them again
+                    log.warning("restore of %d assigned partitions failed (%r): retrying",
+                                len(fresh), exc)
+                    self._to_restore |= fresh & self.consumer.assignment()
+                    time.sleep(RESTORE_RETRY_S)
                 records = {tp: recs for tp, recs in records.items() if tp not in fresh}
         now = time.monotonic()
         for tp, batch in records.items():
@@ -603,6 +618,12 @@ class LLMWorker:
         self._to_restore |= set(assigned)
 
 
+def until_reachable(what: str, call):
+    """`streams.worker.until_reachable`, logged as the LLM worker's."""
+    from streams.worker import until_reachable as retried
+    return retried(what, call, logger=log)
+
+
 def _commit_logged(offsets, response) -> None:
     if isinstance(response, Exception):
         log.warning("commit on revocation failed (the records come again, answered from "
@@ -618,6 +639,6 @@ def run(settings: Settings) -> None:
     from streams.topics import create_topics
     logs.started(log, "llm-worker", settings)
     backend = backends.create(settings)  # a bad backend or model fails before touching Kafka
-    create_topics(settings, log=log.info)
+    until_reachable("topic creation", lambda: create_topics(settings, log=log.info))
     ops_metrics.start(settings, {"llm-worker": settings.state_path / "llm-worker"})
     LLMWorker(settings, backend).run()

@@ -5,11 +5,23 @@ record later, so after a crash the local store may hold writes that never reache
 clean stop leaves a marker; a start without it discards the local store and rebuilds it from
 the changelog, the durable truth. (Replayed input is then skipped by the per-user offset kept
 in the state, see streams/app.py.)
+
+Start-up: Faust's own topics (the tables' changelogs, the assignor's leader topic) are created
+before Faust starts, as Faust would, with the app's replication, and only once every partition
+has a leader. Left to Faust, they are created while the worker joins its group: on a cluster
+the group leader can see a changelog missing from its metadata, assign without it, and rejoin
+once it appears; that second rebalance could hang for good. Whatever still wedges the start or
+a rebalance is cut short by `RebalanceWatchdog`: a worker without progress for
+REBALANCE_STALL_S exits non-zero, for its supervisor to restart (a hung worker is worse than a
+crashed one).
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 from liber import logs
@@ -18,6 +30,165 @@ from ops import metrics
 
 log = logging.getLogger("liber.stream")
 CLEAN_MARKER = "CLEAN_SHUTDOWN"
+REBALANCE_STALL_S = 180.0  # Faust's own rebalance and session limits are 60 s
+STALLED_EXIT = 75  # EX_TEMPFAIL: try again
+UNREACHABLE_BACKOFF_S = (1.0, 10.0)  # first and longest wait between tries
+
+
+def until_reachable(what: str, call, logger: logging.Logger = log,
+                    backoff_s: tuple[float, float] = UNREACHABLE_BACKOFF_S):
+    """call() until no retriable Kafka client error says the cluster is out of reach (every
+    bootstrap server down, a request sent to a broker that just died, no leader yet); each
+    failure is logged. A worker started while a broker, or the whole cluster, is down waits
+    instead of exiting."""
+    from kafka.errors import KafkaError
+    delay, longest = backoff_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return call()
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                raise
+            logs.event(logger, "kafka_unreachable", logging.WARNING, what=what, tries=tries,
+                       retry_in_s=delay, error=repr(exc)[:300])
+            time.sleep(delay)
+            delay = min(longest, delay * 2)
+
+
+def internal_topics(app) -> list:
+    """Faust's own topics as `faust.Topic.declare` would create them, as kafka-python
+    NewTopics: each table's changelog and the leader assignor's topic."""
+    from kafka.admin import NewTopic
+    from mode.utils.times import want_seconds
+    conf = app.conf
+    topics = [(t.get_topic_name(), t.partitions or conf.topic_partitions,
+               t.replicas or conf.topic_replication_factor,
+               {**app.transport._topic_config(
+                   int(want_seconds(t.retention) * 1000) if t.retention else None,
+                   t.compacting, t.deleting), **(t.config or {})})
+              for t in (table.changelog_topic for table in app.tables.values())]
+    topics.append((f"{conf.id}-__assignor-__leader", 1, conf.topic_replication_factor, {}))
+    return [NewTopic(name, partitions, replicas or 1,
+                     topic_configs={k: str(v) for k, v in config.items()})
+            for name, partitions, replicas, config in topics]
+
+
+def declare_internal_topics(app, settings: Settings) -> list[str]:
+    """Create Faust's own topics that do not exist yet; return once every partition of each
+    has a leader. Returns the names created."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError
+
+    wanted = internal_topics(app)
+    names = [t.name for t in wanted]
+
+    def declare() -> list[str]:
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
+                                 client_id=f"{settings.app_id}-admin",
+                                 **settings.kafka_client_options())
+        try:
+            existing = set(admin.list_topics())
+            new = [t for t in wanted if t.name not in existing]
+            if new:
+                try:
+                    admin.create_topics(new)
+                except TopicAlreadyExistsError:  # a concurrent worker won the race: fine
+                    pass
+            _wait_for_leaders(admin, names)
+            return [t.name for t in new]
+        finally:
+            admin.close()
+
+    created = until_reachable("internal topics", declare)
+    for name in created:
+        log.info("topic %s: created before Faust starts", name)
+    return created
+
+
+def _wait_for_leaders(admin, names: list[str], timeout: float = 60.0) -> None:
+    from kafka.errors import LeaderNotAvailableError
+    deadline = time.monotonic() + timeout
+    while True:
+        described = {t["name"]: t for t in admin.describe_topics(names)}
+        if all(name in described and described[name].get("error_code", 0) == 0 and
+               described[name]["partitions"] and
+               all(p.get("error_code", 0) == 0 and p["leader_id"] >= 0
+                   for p in described[name]["partitions"]) for name in names):
+            return
+        if time.monotonic() > deadline:  # retriable: until_reachable tries again
+            raise LeaderNotAvailableError(f"no leader for every partition of {names}")
+        time.sleep(0.2)
+
+
+class RebalanceWatchdog(threading.Thread):
+    """Exits the process (STALLED_EXIT) when the start, up to the end of the first rebalance,
+    or a later rebalance has gone REBALANCE_STALL_S without ending and without recovery
+    progress. A thread, not a task: it must fire even when the event loop is the thing that is
+    stuck. Installed as a Faust sensor's rebalance hooks."""
+
+    def __init__(self, app, stall_s: float = REBALANCE_STALL_S, every_s: float = 5.0,
+                 exit=os._exit):
+        super().__init__(name="liber-rebalance-watchdog", daemon=True)
+        self.app, self.stall_s, self.every_s, self._exit = app, stall_s, every_s, exit
+        # armed from the start: the worker must get through its first rebalance too
+        self.since: float | None = time.monotonic()  # oldest start not ended, or last progress
+        self._remaining = None
+        self._halt = threading.Event()
+
+    def started(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def ended(self) -> None:
+        self.since = None
+
+    def check(self, now: float) -> bool:
+        """True when the worker is stuck (then it has logged why)."""
+        if self.since is None:
+            return False
+        try:
+            remaining = int(self.app.tables.recovery.active_remaining_total())
+        except Exception:  # noqa: BLE001 - a sample racing the event loop: not progress
+            remaining = self._remaining
+        if remaining != self._remaining:  # recovery read records: progress
+            self._remaining = remaining
+            self.since = now
+            return False
+        if now - self.since < self.stall_s:
+            return False
+        logs.event(log, "rebalance_stalled", logging.ERROR, seconds=round(now - self.since),
+                   rebalancing=bool(self.app.rebalancing), action="exit for a restart")
+        return True
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every_s):
+            if self.check(time.monotonic()):
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                self._exit(STALLED_EXIT)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
+def watch_rebalances(app, stall_s: float = REBALANCE_STALL_S) -> RebalanceWatchdog:
+    import faust
+
+    watchdog = RebalanceWatchdog(app, stall_s)
+
+    class Hooks(faust.Sensor):
+        def on_rebalance_start(self, app) -> dict:
+            watchdog.started()
+            return {}
+
+        def on_rebalance_end(self, app, state) -> None:
+            watchdog.ended()
+
+    app.sensors.add(Hooks())
+    watchdog.start()
+    return watchdog
 
 
 def discard_unclean_state(table_dir: Path) -> bool:
@@ -43,6 +214,8 @@ def run(settings: Settings) -> None:
     app = create_app(settings)
     from ops import faust_ops
     faust_ops.attach(app)  # records in/out, rebalances, recovery progress
+    declare_internal_topics(app, settings)
+    watch_rebalances(app)
     table_dir = Path(app.conf.tabledir)
     if discard_unclean_state(table_dir):
         log.warning("unclean shutdown before: local RocksDB state in %s discarded, "

@@ -457,3 +457,70 @@ def test_partitions_revoked_during_a_call_are_left_to_their_new_owner(settings, 
         other.close()
         worker.shutdown()
     assert sorted(summaries_by_key(settings, expect=1)) == [(kept_user, 0)]
+
+
+def test_a_worker_started_while_kafka_is_unreachable_waits_then_works(settings, model, caplog):
+    """Bootstrap servers: a dead port, then a forwarder to the broker that listens only once
+    the worker has failed to reach Kafka and said so: it goes on trying instead of raising."""
+    import logging
+    import socket
+    import threading
+
+    from ops.local_kafka import free_port
+
+    create_topics(settings, log=lambda m: None)
+    send(settings, partition("a", 0, GENRES["crime"], [5, 4, 5]))
+    host, port = settings.bootstrap_servers.split(",")[0].rsplit(":", 1)
+    gate = socket.socket()
+    gate.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused until listen()
+    down = in_process(settings, bootstrap_servers=f"127.0.0.1:{free_port()},"
+                                                  f"127.0.0.1:{gate.getsockname()[1]}")
+
+    def pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+    def forward() -> None:  # bootstrap only: the metadata names the broker's own address
+        while True:
+            try:
+                client, _ = gate.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((host, int(port)))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    started: dict = {}
+
+    def start() -> None:
+        try:
+            started["worker"] = LLMWorker(down, Lent(model))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            started["error"] = exc
+
+    with caplog.at_level(logging.WARNING, logger="liber.llm"):
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not any(r.getMessage().startswith("kafka_unreachable") for r in caplog.records):
+            assert "error" not in started, f"the worker gave up: {started['error']!r}"
+            assert time.monotonic() < deadline, "no retry was logged"
+            time.sleep(0.2)
+        gate.listen()
+        threading.Thread(target=forward, daemon=True).start()
+        thread.join(120)
+    try:
+        assert "error" not in started, f"the worker gave up: {started.get('error')!r}"
+        worker = started["worker"]
+        step_until(worker, lambda: worker.store.user("a") is not None)
+    finally:
+        gate.close()
+        if "worker" in started:
+            started["worker"].shutdown()
+    assert sorted(summaries_by_key(settings, expect=1)) == [("a", 0)]
