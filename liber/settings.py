@@ -75,15 +75,16 @@ class Settings:
     llm_threads: int = field(default=1, metadata={"help": "torch CPU threads; 0 = torch's default"})
     llm_mode: str = field(default="cascade",
                           metadata={"help": "cascade (UIL) or naive (whole history each close, baseline)"})
-    llm_max_new_tokens: int = field(default=160, metadata={"help": "answer length cap (tokens)"})
+    llm_max_new_tokens: int = field(default=64, metadata={"help": "answer length cap (tokens; the two v3 lines need about 55)"})
     llm_repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 disables (the default; README: DARE)"})
     llm_template: str = field(
         default="uil-compact-v3",
         metadata={"help": "prompt template: uil-compact-v3 (two short lines, static "
                           "instructions first) or uil-kar-v2 (the earlier three-line one)"})
     llm_no_repeat_ngram: int = field(
-        default=3, metadata={"help": "ban an n-gram of tokens repeated inside one answer (the "
-                                     "prompt may be copied); 0 disables"})
+        default=3, metadata={"help": "ban an n-gram repeated inside one answer (tokens compared "
+                                     "as a reader sees them; the prompt may be copied); 0 "
+                                     "disables"})
     llm_batch_size: int = field(default=8, metadata={"help": "max partitions per LLM call"})
     llm_batch_wait_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
     llm_max_queue: int = field(default=256,

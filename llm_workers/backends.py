@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from llm_workers.answer_ngrams import NgramBlock
+from llm_workers.answer_ngrams import NgramBlock, forms_of
 from llm_workers.prompts import ChatPrompt
 
 log = logging.getLogger("liber.llm")
@@ -330,7 +330,7 @@ class TransformersBackend(Backend):
         if closing.is_set():
             raise LLMError("backend closed")
         if self.no_repeat_ngram:
-            processors.append(NgramBlock(self.no_repeat_ngram, prompt_len))
+            processors.append(NgramBlock(self.no_repeat_ngram, prompt_len, forms_of(self._tok)))
         if self.guide and any(p.structure for p in prompts):
             processors.append(LineGuide(self._tok, prompts, max_new_tokens,
                                         self.eos_ids[0], prompt_len,
@@ -385,7 +385,7 @@ class TransformersBackend(Backend):
             if self.repetition_penalty != 1.0:
                 row.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
             if self.no_repeat_ngram:
-                row.append(NgramBlock(self.no_repeat_ngram, len(ids)))
+                row.append(NgramBlock(self.no_repeat_ngram, len(ids), forms_of(self._tok)))
             if self.guide and prompt.structure:
                 row.append(LineGuide(self._tok, [prompt], max_new_tokens, self.eos_ids[0],
                                      len(ids), vocab))

@@ -101,7 +101,7 @@ def _key(mode: str, backend, settings, max_new_tokens: int, user_id: str, seq: i
              str(settings.llm_repetition_penalty), settings.llm_dtype,
              str(settings.llm_max_summary_chars), user_id, str(seq), prompt.sha256()]
     if settings.llm_no_repeat_ngram:   # answers without the block stay under their old keys
-        parts.append(f"no-repeat-{settings.llm_no_repeat_ngram}")
+        parts.append(f"no-repeat-forms-{settings.llm_no_repeat_ngram}")
     decoding = _decoding(settings, backend.name)
     if decoding:  # greedy and DARE-strict share answers (identical); relaxed ones differ
         parts.append(decoding)
