@@ -205,7 +205,10 @@ class LLMWorker:
         self.consumer = until_reachable("consumer", lambda: KafkaConsumer(
             client_id=f"{settings.app_id}-llm", group_id=f"{settings.app_id}-llm",
             enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_records=min(500, settings.llm_max_queue), **kafka))
+            max_poll_records=min(500, settings.llm_max_queue),
+            # a killed worker's partitions move on after 10 s, not kafka-python's 45 s
+            # (heartbeats come from a thread of their own: a long LLM call does not stop them)
+            session_timeout_ms=10_000, heartbeat_interval_ms=3_000, **kafka))
         # The metadata request goes to any broker the client knows, a dead one included (a
         # broker stays listed until the controller fences it): tried again, not fatal.
         self._closed_partitions = until_reachable(

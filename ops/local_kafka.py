@@ -258,7 +258,7 @@ class LocalKafka:
             f"min.insync.replicas={self.min_insync}",
             "unclean.leader.election.enable=false",
             "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=true",
+            "auto.create.topics.enable=false",
             "log.retention.hours=-1",
             "log.segment.bytes=268435456",
             "log.cleaner.dedupe.buffer.size=16777216",

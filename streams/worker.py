@@ -6,14 +6,11 @@ clean stop leaves a marker; a start without it discards the local store and rebu
 the changelog, the durable truth. (Replayed input is then skipped by the per-user offset kept
 in the state, see streams/app.py.)
 
-Start-up: Faust's own topics (the tables' changelogs, the assignor's leader topic) are created
-before Faust starts, as Faust would, with the app's replication, and only once every partition
-has a leader. Left to Faust, they are created while the worker joins its group: on a cluster
-the group leader can see a changelog missing from its metadata, assign without it, and rejoin
-once it appears; that second rebalance could hang for good. Whatever still wedges the start or
-a rebalance is cut short by `RebalanceWatchdog`: a worker without progress for
-REBALANCE_STALL_S exits non-zero, for its supervisor to restart (a hung worker is worse than a
-crashed one).
+A start or a rebalance that wedges (seen on a three-node cluster: a worker silent after
+"Recovery: Starting..." for good) is cut short by `RebalanceWatchdog`: a worker without
+progress for REBALANCE_STALL_S exits non-zero, for its supervisor to restart (a hung worker is
+worse than a crashed one). Creating Faust's changelogs ahead of Faust was tried against that
+hang and made it more frequent, not less.
 """
 from __future__ import annotations
 
@@ -55,71 +52,6 @@ def until_reachable(what: str, call, logger: logging.Logger = log,
                        retry_in_s=delay, error=repr(exc)[:300])
             time.sleep(delay)
             delay = min(longest, delay * 2)
-
-
-def internal_topics(app) -> list:
-    """Faust's own topics as `faust.Topic.declare` would create them, as kafka-python
-    NewTopics: each table's changelog and the leader assignor's topic."""
-    from kafka.admin import NewTopic
-    from mode.utils.times import want_seconds
-    conf = app.conf
-    topics = [(t.get_topic_name(), t.partitions or conf.topic_partitions,
-               t.replicas or conf.topic_replication_factor,
-               {**app.transport._topic_config(
-                   int(want_seconds(t.retention) * 1000) if t.retention else None,
-                   t.compacting, t.deleting), **(t.config or {})})
-              for t in (table.changelog_topic for table in app.tables.values())]
-    topics.append((f"{conf.id}-__assignor-__leader", 1, conf.topic_replication_factor, {}))
-    return [NewTopic(name, partitions, replicas or 1,
-                     topic_configs={k: str(v) for k, v in config.items()})
-            for name, partitions, replicas, config in topics]
-
-
-def declare_internal_topics(app, settings: Settings) -> list[str]:
-    """Create Faust's own topics that do not exist yet; return once every partition of each
-    has a leader. Returns the names created."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import TopicAlreadyExistsError
-
-    wanted = internal_topics(app)
-    names = [t.name for t in wanted]
-
-    def declare() -> list[str]:
-        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
-                                 client_id=f"{settings.app_id}-admin",
-                                 **settings.kafka_client_options())
-        try:
-            existing = set(admin.list_topics())
-            new = [t for t in wanted if t.name not in existing]
-            if new:
-                try:
-                    admin.create_topics(new)
-                except TopicAlreadyExistsError:  # a concurrent worker won the race: fine
-                    pass
-            _wait_for_leaders(admin, names)
-            return [t.name for t in new]
-        finally:
-            admin.close()
-
-    created = until_reachable("internal topics", declare)
-    for name in created:
-        log.info("topic %s: created before Faust starts", name)
-    return created
-
-
-def _wait_for_leaders(admin, names: list[str], timeout: float = 60.0) -> None:
-    from kafka.errors import LeaderNotAvailableError
-    deadline = time.monotonic() + timeout
-    while True:
-        described = {t["name"]: t for t in admin.describe_topics(names)}
-        if all(name in described and described[name].get("error_code", 0) == 0 and
-               described[name]["partitions"] and
-               all(p.get("error_code", 0) == 0 and p["leader_id"] >= 0
-                   for p in described[name]["partitions"]) for name in names):
-            return
-        if time.monotonic() > deadline:  # retriable: until_reachable tries again
-            raise LeaderNotAvailableError(f"no leader for every partition of {names}")
-        time.sleep(0.2)
 
 
 class RebalanceWatchdog(threading.Thread):
@@ -214,7 +146,6 @@ def run(settings: Settings) -> None:
     app = create_app(settings)
     from ops import faust_ops
     faust_ops.attach(app)  # records in/out, rebalances, recovery progress
-    declare_internal_topics(app, settings)
     watch_rebalances(app)
     table_dir = Path(app.conf.tabledir)
     if discard_unclean_state(table_dir):

@@ -9,6 +9,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from ops.local_kafka import LocalKafka, LocalKafkaCluster, free_port
+from streams.topics import create_topics
 from tests.conftest import base_settings
 
 pytestmark = pytest.mark.kafka
@@ -79,6 +80,9 @@ def test_broker_and_scratch_dir_do_not_outlive_their_command(sig):
 def test_broker_restarts_with_its_data_and_stops_by_pid(tmp_path, kafka):
     broker = LocalKafka(kafka.home, tmp_path / "b", port=free_port())
     broker.start(log=lambda m: None)
+    # the broker does not create topics on first use (as in docker-compose.yml)
+    create_topics(base_settings(bootstrap_servers=broker.bootstrap, topic_partitions=1),
+                  ["keep"], log=lambda m: None)
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
     producer.send("keep", key=b"k", value=b"v1").get(timeout=30)
     producer.close()
