@@ -154,7 +154,7 @@ class BatchSummariser:
                 "batch_size": self.batch_size, "dtype": self.s.llm_dtype,
                 "repetition_penalty": self.s.llm_repetition_penalty,
                 "no_repeat_ngram_in_answer": self.s.llm_no_repeat_ngram,
-                "decoding": ("greedy, labelled lines forced (LineGuide)"
+                "decoding": ("greedy, labelled lines forced (LineGuide or vLLM's regex guide)"
                              + (f"; {_decoding(self.s, self.s.llm_backend)}"
                                 if _decoding(self.s, self.s.llm_backend) else "")),
                 "max_title_chars": self.s.llm_max_title_chars,
