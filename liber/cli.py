@@ -64,8 +64,8 @@ def cmd_worker(settings: Settings, args) -> int:
     from liber import logs
     from streams.topics import create_topics
     logs.setup(settings.log_level)  # one JSON line per event (liber/logs.py)
-    from streams.worker import run
-    create_topics(settings, log=logging.getLogger("liber").info)
+    from streams.worker import run, until_reachable
+    until_reachable("topics", lambda: create_topics(settings, log=logging.getLogger("liber").info))
     run(settings)
     return 0
 
