@@ -172,7 +172,8 @@ def _print_results(settings: Settings, stream: Process, llm: Process, show: int)
             summary = by_seq.get(part.seq)
             if summary:
                 print(f"    summary: {summary.partition_summary}")
-                print(f"    shift:   {summary.shift}")
+                if summary.shift:   # the default template asks for no shift line
+                    print(f"    shift:   {summary.shift}")
         last = max(by_seq.values(), key=lambda s: s.seq, default=None)
         if last:
             print(f"  cascaded interest profile after seq {last.seq}: {last.cascaded_summary}")
