@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -135,6 +136,11 @@ class VLLMBackend(Backend):
         self.repetition_penalty = repetition_penalty
         self.guide = guide
         self.speculative = speculative
+        if no_repeat_ngram and speculative != "off":
+            # vLLM 0.32 refuses custom logits processors with speculative decoding
+            logging.getLogger("liber.llm").warning(
+                "vllm backend: the answer n-gram block is off with speculative=%s", speculative)
+            no_repeat_ngram = 0
         self.no_repeat_ngram = no_repeat_ngram
         self.pool_store = None
         self._dare_key = None

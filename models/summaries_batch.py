@@ -100,7 +100,10 @@ def _key(mode: str, backend, settings, max_new_tokens: int, user_id: str, seq: i
     parts = [mode, backend.name, backend.model, prompt.version, str(max_new_tokens),
              str(settings.llm_repetition_penalty), settings.llm_dtype,
              str(settings.llm_max_summary_chars), user_id, str(seq), prompt.sha256()]
-    if settings.llm_no_repeat_ngram:   # answers without the block stay under their old keys
+    # the block runs in our processes only: not in a vLLM server, nor beside vLLM's drafts
+    blocked = backend.name == "transformers" or (
+        backend.name == "vllm" and settings.llm_vllm_speculative == "off")
+    if settings.llm_no_repeat_ngram and blocked:
         parts.append(f"no-repeat-forms-{settings.llm_no_repeat_ngram}")
     decoding = _decoding(settings, backend.name)
     if decoding:  # greedy and DARE-strict share answers (identical); relaxed ones differ
