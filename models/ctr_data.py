@@ -161,6 +161,17 @@ class Samples:
     def __len__(self) -> int:
         return len(self.label)
 
+    @classmethod
+    def from_rows(cls, user, item, label, hist, hist_rating, known, ts, users, width: int
+                  ) -> "Samples":
+        i64 = np.int64
+        return cls(user=np.asarray(user, dtype=i64), item=np.asarray(item, dtype=i64),
+                   label=np.asarray(label, dtype=np.float32),
+                   hist=np.asarray(hist, dtype=i64).reshape(-1, width),
+                   hist_rating=np.asarray(hist_rating, dtype=i64).reshape(-1, width),
+                   known=np.asarray(known, dtype=i64), ts=np.asarray(ts, dtype=i64),
+                   users=users)
+
 
 def build_samples(histories: Sequence[UserHistory], catalog: Catalog, depth: int,
                   history_len: int = 50) -> Samples:
@@ -178,26 +189,28 @@ def build_samples(histories: Sequence[UserHistory], catalog: Catalog, depth: int
             known = bisect.bisect_left(ends, ts)   # partitions whose last event is < ts
             if known < 1 or ts > limit:
                 continue
-            before = bisect.bisect_left(h.ts, ts)  # ratings with ts < sample ts (sorted)
-            start = max(0, before - history_len)
-            items = [catalog.index(i) for i in h.item_ids[start:before]]
-            rates = [int(r) for r in h.ratings[start:before]]
-            pad = history_len - len(items)
-            hist.append([0] * pad + items)
-            hist_rating.append([0] * pad + rates)
+            items, rates = history_window(h, ts, catalog, history_len)
+            hist.append(items)
+            hist_rating.append(rates)
             rows_user.append(u)
             rows_item.append(catalog.index(item))
             rows_label.append(1.0 if rating > 3 else 0.0)
             rows_known.append(min(known, depth))
             rows_ts.append(ts)
-    return Samples(user=np.asarray(rows_user, dtype=np.int64),
-                   item=np.asarray(rows_item, dtype=np.int64),
-                   label=np.asarray(rows_label, dtype=np.float32),
-                   hist=np.asarray(hist, dtype=np.int64).reshape(-1, history_len),
-                   hist_rating=np.asarray(hist_rating, dtype=np.int64).reshape(-1, history_len),
-                   known=np.asarray(rows_known, dtype=np.int64),
-                   ts=np.asarray(rows_ts, dtype=np.int64),
-                   users=[h.user_id for h in histories])
+    return Samples.from_rows(rows_user, rows_item, rows_label, hist, hist_rating, rows_known,
+                             rows_ts, [h.user_id for h in histories], history_len)
+
+
+def history_window(h: UserHistory, ts: float, catalog: Catalog, width: int
+                   ) -> tuple[list[int], list[int]]:
+    """The last `width` ratings strictly before `ts` (item indices, ratings), oldest first,
+    left padded with 0 to `width`."""
+    before = bisect.bisect_left(h.ts, ts)      # ratings with ts < the sample's (sorted)
+    start = max(0, before - width)
+    items = [catalog.index(i) for i in h.item_ids[start:before]]
+    rates = [int(r) for r in h.ratings[start:before]]
+    pad = width - len(items)
+    return [0] * pad + items, [0] * pad + rates
 
 
 # --- summary vectors --------------------------------------------------------------------------

@@ -266,16 +266,21 @@ def _examples(data, n: int) -> list[dict]:
     return out
 
 
+def lift_note(name: str, lift: dict) -> str:
+    """One line a person reads: the seed-averaged AUC difference, its CI and the verdict."""
+    boot = lift["bootstrap_seed_averaged"]
+    low, high = boot["ci95"]
+    verdict = ("significant lift" if low > 0 else "significant drop" if high < 0
+               else "no significant difference")
+    return (f"{name}: AUC diff {boot['auc_diff']:+.4f}, 95% CI over test users "
+            f"[{low:+.4f}, {high:+.4f}]: {verdict}")
+
+
 def _notes(out: dict) -> list[str]:
     notes = []
     for backbone, by_variant in out["lift_vs_base"].items():
         for variant, lift in by_variant.items():
-            boot = lift["bootstrap_seed_averaged"]
-            low, high = boot["ci95"]
-            verdict = ("significant lift" if low > 0 else "significant drop" if high < 0
-                       else "no significant difference")
-            notes.append(f"{backbone} {variant} vs base: AUC diff {boot['auc_diff']:+.4f}, "
-                         f"95% CI over test users [{low:+.4f}, {high:+.4f}]: {verdict}")
+            notes.append(lift_note(f"{backbone} {variant} vs base", lift))
     test_users = out["counts"]["users"]["test"]
     notes.append(f"the test split has {test_users} users and {out['counts']['samples']['test']} "
                  "samples: CIs are wide; more users (--users) need more LLM time")

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.ctr_data import Catalog, Samples, UserHistory
+from models.ctr_data import Catalog, Samples, UserHistory, history_window
 
 
 @dataclass(frozen=True)
@@ -71,26 +71,16 @@ def build_samples(histories: Sequence[UserHistory], catalog: Catalog, cfg: Lifel
         ends = [p.end_ts for p in h.partitions]
         for n in range(sample_start(h, cfg.sample_share), len(h.ts)):
             ts = h.ts[n]
-            before = bisect.bisect_left(h.ts, ts)           # ratings with ts < the sample's
-            start = max(0, before - width)
-            items = [catalog.index(i) for i in h.item_ids[start:before]]
-            rates = [int(r) for r in h.ratings[start:before]]
-            pad = width - len(items)
-            hist.append([0] * pad + items)
-            hist_rating.append([0] * pad + rates)
+            items, rates = history_window(h, ts, catalog, width)
+            hist.append(items)
+            hist_rating.append(rates)
             rows_user.append(u)
             rows_item.append(catalog.index(h.item_ids[n]))
             rows_label.append(1.0 if h.ratings[n] > 3 else 0.0)
             rows_known.append(bisect.bisect_left(ends, ts))  # partitions whose last event < ts
             rows_ts.append(ts)
-    return Samples(user=np.asarray(rows_user, dtype=np.int64),
-                   item=np.asarray(rows_item, dtype=np.int64),
-                   label=np.asarray(rows_label, dtype=np.float32),
-                   hist=np.asarray(hist, dtype=np.int64).reshape(-1, width),
-                   hist_rating=np.asarray(hist_rating, dtype=np.int64).reshape(-1, width),
-                   known=np.asarray(rows_known, dtype=np.int64),
-                   ts=np.asarray(rows_ts, dtype=np.int64),
-                   users=[h.user_id for h in histories])
+    return Samples.from_rows(rows_user, rows_item, rows_label, hist, hist_rating, rows_known,
+                             rows_ts, [h.user_id for h in histories], width)
 
 
 def with_window(samples: Samples, window: int) -> Samples:

@@ -304,13 +304,5 @@ def _counts(data: dict) -> dict:
 
 
 def _notes(out: dict) -> list[str]:
-    notes = []
-    for backbone, by_name in out["lifts"].items():
-        for name, entry in by_name.items():
-            boot = entry["bootstrap_seed_averaged"]
-            low, high = boot["ci95"]
-            verdict = ("significant lift" if low > 0 else "significant drop" if high < 0
-                       else "no significant difference")
-            notes.append(f"{backbone} {name}: AUC diff {boot['auc_diff']:+.4f}, 95% CI over "
-                         f"test users [{low:+.4f}, {high:+.4f}]: {verdict}")
-    return notes
+    return [evaluation.lift_note(f"{backbone} {name}", entry)
+            for backbone, by_name in out["lifts"].items() for name, entry in by_name.items()]
