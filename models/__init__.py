@@ -1,1 +1,1 @@
-"""Models: the item/summary text encoder (all-MiniLM-L6-v2). Fusion, adaptor and CTR models: issue 6."""
+"""Models: the text encoder, fusion, adaptor, CTR backbones, training and the evaluations."""

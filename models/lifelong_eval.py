@@ -109,7 +109,7 @@ def prepare(settings, *, users: int, cfg: LifelongConfig, k: int, sources, data_
                     "tokens_in_per_summary": round(stats.tokens_in / max(1, stats.prompts), 1),
                     "tokens_out_per_summary": round(stats.tokens_out / max(1, stats.prompts), 1),
                     "quality": summary_quality.measure(summariser.transcript,
-                                                       [catalog.text[i] for i in catalog.text])}
+                                                       list(catalog.text.values()))}
                 if source == "naive":
                     out["stats"][source]["every_close_tokens_per_1k_events"] = \
                         _naive_every_close(summariser, parts, stats)

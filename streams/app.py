@@ -125,8 +125,8 @@ async def batches(stream, max_size: int, wait_s: float = 0.05):
     into its buffer, which can swap one event for another. Nor is the stream's input queue
     left to Faust's flow control: when a table recovery ends, Faust seeks to the committed
     offsets, resumes fetching and only then clears every stream queue; records fetched in
-    that window were thrown away and never fetched again (the one lost event of issue 3;
-    Faust's commit even steps over a one-record gap). Records of an older consumer
+    that window were thrown away and never fetched again (the "one event missing under load"
+    defect; Faust's commit even steps over a one-record gap). Records of an older consumer
     generation are still skipped by the stream itself; records fetched twice in one
     generation come back as `Batch.copies`."""
     stream.enable_acks = False
@@ -280,7 +280,7 @@ def create_app(settings: Settings) -> faust.App:
     # alone does not): reads then search every partition's store and every worker recovers
     # and follows all changelog partitions. Without it a read looked only in the store of the
     # current event's partition: titles of items in the other partitions came out as
-    # placeholders, differently before and after a restart (issue 8's kill -9 conflict), and a
+    # placeholders, differently before and after a restart (the kill -9 conflict of the reliability tests), and a
     # second worker never saw the first one's items. Buffers of 1: Faust files the changelog
     # partitions of a global table as actives, whose records wait in a 1,000-record recovery
     # buffer, so another worker's updates would otherwise stay invisible after recovery.

@@ -42,7 +42,7 @@ def offsets(events) -> list[int]:
 def test_records_waiting_in_the_stream_survive_a_flow_control_resume():
     """Faust resumes flow control when a table recovery completes, after it has already
     resumed fetching from the committed offsets; the resume used to clear the stream's
-    queue, and the records fetched in between were never seen again (issue 3: one event
+    queue, and the records fetched in between were never seen again (one event
     missing under load)."""
     async def scenario(app, stream, deliver, taken):
         for offset in range(3):
