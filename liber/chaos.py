@@ -8,7 +8,8 @@ ratings at a fixed rate, and the fault injected mid-replay:
     kill_stream_worker  SIGKILL of the stream worker at ~40% of the events, then a restart
     kill_llm_worker     SIGKILL of the LLM worker in the middle of a batch, then a restart
     broker_restart      the broker stopped and started again on its data directory
-    llm_errors          the backend fails every 3rd call and times out every 5th
+    llm_errors          the backend fails every 2nd call and times out every 3rd (one partition
+                        per call)
     slow_llm            every LLM call is held 4 s and the queue is small: the consumer pauses
                         (backpressure), the stream worker keeps up, the lag drains afterwards
 
@@ -301,8 +302,10 @@ def run_fault(fault: str, base: Settings, broker: LocalKafka | LocalKafkaCluster
     if isinstance(broker, LocalKafkaCluster):
         overrides["replication_factor"] = broker.size  # Faust's changelogs too
     if fault == "llm_errors":
-        llm_env = {"LIBER_FAULT_ERROR_EVERY": "3", "LIBER_FAULT_TIMEOUT_EVERY": "5",
+        # one partition a call, and the 2nd call already fails: a short replay reaches the fault
+        llm_env = {"LIBER_FAULT_ERROR_EVERY": "2", "LIBER_FAULT_TIMEOUT_EVERY": "3",
                    "LIBER_FAULT_TIMEOUT_S": "2"}
+        overrides.update(llm_batch_size=1)
     elif fault == "slow_llm":
         llm_env = {"LIBER_FAULT_DELAY_S": "4"}
         overrides.update(llm_max_queue=8, llm_batch_size=4)

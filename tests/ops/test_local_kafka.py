@@ -120,11 +120,15 @@ def test_cluster_keeps_acknowledged_records_through_a_broker_sigkill(tmp_path):
         admin = cluster._admin()
         admin.create_topics([NewTopic("keep", 2, 3)])
         cluster.wait_in_sync()  # every node knows the topic before it is described
-        configs = admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, "keep", configs={"min.insync.replicas": None})],
-            config_filter="all")
+        for _ in range(40):  # a node that has not applied the topic yet answers without it
+            configs = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, "keep",
+                                configs={"min.insync.replicas": None})], config_filter="all")
+            by_name = next(iter(configs.values()))  # keyed by resource type, then name
+            if "min.insync.replicas" in by_name.get("keep", {}):
+                break
+            time.sleep(0.5)
         admin.close()
-        by_name = next(iter(configs.values()))  # keyed by resource type, then name
         assert by_name["keep"]["min.insync.replicas"]["value"] == "2"
         producer = KafkaProducer(bootstrap_servers=cluster.bootstrap, acks="all", retries=20)
         for i in range(40):
