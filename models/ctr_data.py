@@ -214,7 +214,26 @@ def history_window(h: UserHistory, ts: float, catalog: Catalog, width: int
 
 
 # --- summary vectors --------------------------------------------------------------------------
-class VectorTable:
+class StateTable:
+    """Per (user, known) state: the matrix rows of the latest K partition vectors (newest
+    first) and of the lifelong one, row 0 meaning none. Subclasses fill `states` and build
+    the matrix."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.states: dict[tuple[str, int], tuple[list[int], int]] = {}
+
+    def lookup(self, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
+        """([N, K] partition-summary rows, [N] cascaded rows) for the samples (0 = none)."""
+        parts = np.zeros((len(samples), self.k), dtype=np.int64)
+        cascaded = np.zeros(len(samples), dtype=np.int64)
+        for i, (u, known) in enumerate(zip(samples.user, samples.known)):
+            p, c = self.states.get((samples.users[u], int(known)), ([0] * self.k, 0))
+            parts[i], cascaded[i] = p, c
+        return parts, cascaded
+
+
+class VectorTable(StateTable):
     """Summary texts -> one matrix of encoder vectors (row 0 = nothing), and per (user, known)
     state the indices of the latest K partition summaries (newest first) and the cascaded one.
 
@@ -223,10 +242,9 @@ class VectorTable:
     < n that succeeded (the worker keeps the previous profile when a partition fails)."""
 
     def __init__(self, k: int):
-        self.k = k
+        super().__init__(k)
         self.texts: list[str] = []
         self._row: dict[str, int] = {}
-        self.states: dict[tuple[str, int], tuple[list[int], int]] = {}
 
     def _index(self, text: str | None) -> int:
         if not text:
@@ -243,15 +261,6 @@ class VectorTable:
             parts += [0] * (self.k - len(parts))
             cascaded = next((self._index(s.cascaded_summary) for s in reversed(seen) if s), 0)
             self.states[user_id, known] = (parts, cascaded)
-
-    def lookup(self, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
-        """([N, K] partition-summary rows, [N] cascaded rows) for the samples (0 = none)."""
-        parts = np.zeros((len(samples), self.k), dtype=np.int64)
-        cascaded = np.zeros(len(samples), dtype=np.int64)
-        for i, (u, known) in enumerate(zip(samples.user, samples.known)):
-            p, c = self.states.get((samples.users[u], int(known)), ([0] * self.k, 0))
-            parts[i], cascaded[i] = p, c
-        return parts, cascaded
 
     def matrix(self, encode: Callable[[list[str]], np.ndarray], dim: int) -> np.ndarray:
         out = np.zeros((len(self.texts) + 1, dim), dtype=np.float32)

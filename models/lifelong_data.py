@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.ctr_data import Catalog, Samples, UserHistory, history_window
+from models.ctr_data import Catalog, Samples, StateTable, UserHistory, history_window
 
 
 @dataclass(frozen=True)
@@ -89,20 +89,20 @@ def with_window(samples: Samples, window: int) -> Samples:
                    hist_rating=np.ascontiguousarray(samples.hist_rating[:, -window:]))
 
 
-class AggregateTable:
+class AggregateTable(StateTable):
     """The cheap alternative to the LLM: each partition condensed to the rating-weighted mean
     of its items' text vectors, and the lifelong history to the same mean over every closed
-    partition. Same lookup as `ctr_data.VectorTable`, so it goes through the same fusion.
+    partition. The same states and lookup as `ctr_data.VectorTable`, so it goes through the
+    same fusion.
 
     Weights are rating - 3 (liked items pull towards, disliked away; a 3 counts for nothing),
     falling back to the plain mean when every rating is a 3."""
 
     def __init__(self, k: int, item_vectors: dict[str, np.ndarray], dim: int):
-        self.k = k
+        super().__init__(k)
         self.dim = dim
         self.item_vectors = item_vectors
         self.rows: list[np.ndarray] = []
-        self.states: dict[tuple[str, int], tuple[list[int], int]] = {}
 
     def _row(self, vector: np.ndarray | None) -> int:
         if vector is None:
@@ -143,14 +143,6 @@ class AggregateTable:
             parts = list(reversed(part_rows[:known]))[: self.k]
             parts += [0] * (self.k - len(parts))
             self.states[history.user_id, known] = (parts, cascaded_rows[known])
-
-    def lookup(self, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
-        parts = np.zeros((len(samples), self.k), dtype=np.int64)
-        cascaded = np.zeros(len(samples), dtype=np.int64)
-        for i, (u, known) in enumerate(zip(samples.user, samples.known)):
-            p, c = self.states.get((samples.users[u], int(known)), ([0] * self.k, 0))
-            parts[i], cascaded[i] = p, c
-        return parts, cascaded
 
     def matrix(self) -> np.ndarray:
         out = np.zeros((len(self.rows) + 1, self.dim), dtype=np.float32)
