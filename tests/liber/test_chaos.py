@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from liber import chaos, invariants
+from liber import chaos
 from liber.chaos import soak_events, users_seen
 from ops.local_kafka import LocalKafka
 from streams import movielens
+from tests.chaos_checks import assert_invariants
 from tests.conftest import base_settings
 
 
@@ -51,14 +52,7 @@ def run_reduced(fault, settings, kafka, tmp_path, *, max_events, **kw):
                                  log=lambda m: None, **kw)
     finally:
         chaos.stop_all()  # a run that raised leaves its workers running
-    report = result["invariants"]
-    assert result["injected"].get("reached", True), result["injected"]
-    assert result["drained"] and not result["unexpected_exits"], result
-    assert (result["lost"], result["duplicate_summaries"], result["version_regressions"]) == \
-        (0, 0, 0), report["examples"]
-    violations = {name: report[name] for name in invariants.Report.VIOLATIONS if report[name]}
-    assert report["ok"], {**violations, "examples": report["examples"]}
-    assert result["events_in"] == result["events_accounted"] == result["events_sent"]
+    report = assert_invariants(result)
     assert report["partitions"] > 0 and report["unsummarised"] == 0
     return result
 

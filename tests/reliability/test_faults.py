@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from liber import chaos, invariants
+from liber import chaos
+from tests.chaos_checks import assert_invariants
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
 
@@ -12,14 +13,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.reliability]
 def run(fault, settings, kafka, tmp_path, **kw):
     result = chaos.run_fault(fault, settings, kafka, tmp_path, replay_s=6.0, drain_s=300,
                              log=lambda m: None, **kw)
-    report = result["invariants"]
-    assert result["injected"].get("reached", True), result["injected"]
-    assert result["drained"] and not result["unexpected_exits"], result
-    assert (result["lost"], result["duplicate_summaries"], result["version_regressions"]) == \
-        (0, 0, 0), report["examples"]
-    violations = {name: report[name] for name in invariants.Report.VIOLATIONS if report[name]}
-    assert report["ok"], {**violations, "examples": report["examples"]}
-    assert result["events_in"] == result["events_accounted"] == result["events_sent"]
+    assert_invariants(result)
     return result
 
 
