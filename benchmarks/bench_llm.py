@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from liber.machine import describe as describe_machine
+from core.machine import describe as describe_machine
 from llm_workers import backends
 from models import ctr_data, summary_quality
 from models.summaries_batch import BatchSummariser, SummaryCache
-from streams import movielens, partitioner
+from streams import movielens
+from streams import ubsp
 
 OLD_DEFAULT = {"llm_backend": "transformers", "llm_dtype": "float32",
                "llm_template": "uil-kar-v2", "llm_no_repeat_ngram": 0}
@@ -54,7 +55,7 @@ def partitions(settings, users: int, depth: int) -> dict:
     data_dir = movielens.fetch(settings.home, datasets=("ml-1m",), log=lambda m: None)["ml-1m"]
     catalog = ctr_data.load_catalog(data_dir, "ml-1m")
     histories = ctr_data.group_ratings(movielens.load_ratings(data_dir, "ml-1m"))
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     out = {}
     for user in sorted(histories, key=int):
         ctr_data.partition_user(histories[user], rules, dataset="ml-1m")

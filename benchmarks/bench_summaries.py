@@ -8,7 +8,7 @@ with a repeated 3-gram loop, distinct-2, invented-title share, genre precision, 
 from __future__ import annotations
 
 from benchmarks import bench_llm
-from liber.machine import describe as describe_machine
+from core.machine import describe as describe_machine
 from llm_workers import backends
 
 

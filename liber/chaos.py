@@ -45,19 +45,20 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from liber import invariants, machine
-from liber.settings import Settings
+from liber import invariants
+from core import machine
+from core.settings import Settings
 from ops.local_kafka import LocalKafka, LocalKafkaCluster, Scratch, free_port, popen_bound
 from ops.metrics import scrape
 from streams import movielens
 from streams.producer import BehaviorProducer
 from streams.replay import in_laps, movie_item, rating_event, select
-from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, SUMMARIES, create_topics
+from core.topics import BEHAVIORS, PARTITIONS_CLOSED, SUMMARIES, create_topics
 
 FAULTS = ("kill_stream_worker", "kill_llm_worker", "broker_restart", "llm_errors", "slow_llm")
 CLUSTER_FAULTS = ("broker_kill", "controller_kill", "rolling_restart",
                   "stream_worker_kill_broker_down")
-FAULT_BACKEND = "liber.fault_backend:create"
+FAULT_BACKEND = "llm_workers.fault_backend:create"
 
 
 _LIVE: list["Proc"] = []  # every worker started, stopped in the end whatever happened

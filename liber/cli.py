@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from liber.settings import Settings, SettingsError
+from core.settings import Settings, SettingsError
 
 
 def _broker(settings: Settings, args):
@@ -36,7 +36,7 @@ def cmd_kafka(settings: Settings, args) -> int:
 
 
 def cmd_topics(settings: Settings, args) -> int:
-    from streams.topics import create_topics
+    from core.topics import create_topics
     created = create_topics(settings)
     print(f"{len(created)} topics created, the others existed")
     return 0
@@ -52,7 +52,7 @@ def cmd_data(settings: Settings, args) -> int:
 
 def cmd_produce(settings: Settings, args) -> int:
     from streams.replay import replay
-    from streams.topics import create_topics
+    from core.topics import create_topics
     create_topics(settings, log=lambda m: None)
     result = replay(settings, args.dataset, rate=args.rate, limit=args.limit, users=args.users,
                     per_user=args.per_user, items=not args.no_items, progress=not args.quiet)
@@ -61,10 +61,11 @@ def cmd_produce(settings: Settings, args) -> int:
 
 
 def cmd_worker(settings: Settings, args) -> int:
-    from liber import logs
-    from streams.topics import create_topics
-    logs.setup(settings.log_level)  # one JSON line per event (liber/logs.py)
-    from streams.worker import run, until_reachable
+    from core import logs
+    from core.topics import create_topics
+    logs.setup(settings.log_level)  # one JSON line per event (core/logs.py)
+    from core.kafka import until_reachable
+    from streams.worker import run
     until_reachable("topics", lambda: create_topics(settings, log=logging.getLogger("liber").info))
     run(settings)
     return 0
@@ -83,18 +84,18 @@ def cmd_models(settings: Settings, args) -> int:
 
 
 def bench_stream(settings: Settings, args) -> dict:
-    from streams.bench_stream import run
+    from benchmarks.bench_stream import run
     return run(settings, dataset=args.dataset or "ml-1m", limit=args.limit,
                log=lambda m: print(m, file=sys.stderr))
 
 
 def bench_dare(settings: Settings, args) -> dict:
-    from llm_workers.dare.bench import run
+    from benchmarks.bench_dare import run
     return run(args, settings)
 
 
 def bench_llm_cost(settings: Settings, args) -> dict:
-    from llm_workers.bench_cost import run
+    from benchmarks.bench_cost import run
     return run(settings, dataset=args.dataset or "ml-1m", users=args.users,
                gen_sample_users=args.gen_sample_users, gen_sample_depth=args.gen_sample_depth,
                naive_sample=args.naive_sample, log=lambda m: print(m, file=sys.stderr))
@@ -102,7 +103,7 @@ def bench_llm_cost(settings: Settings, args) -> dict:
 
 # Benchmark name -> function(settings, args) returning the JSON-able result.
 def bench_fusion(settings: Settings, args) -> dict:
-    from llm_workers.bench_fusion import run
+    from benchmarks.bench_fusion import run
     return run(settings, users=args.users, log=lambda m: print(m, file=sys.stderr))
 
 
@@ -130,7 +131,7 @@ def cmd_bench(settings: Settings, args) -> int:
 
 
 def cmd_llm_worker(settings: Settings, args) -> int:
-    from liber import logs
+    from core import logs
     from llm_workers.backends import BackendError
     logs.setup(settings.log_level)
     from llm_workers.service import run
@@ -143,9 +144,9 @@ def cmd_llm_worker(settings: Settings, args) -> int:
 
 
 def cmd_fusion_worker(settings: Settings, args) -> int:
-    from liber import logs
+    from core import logs
     logs.setup(settings.log_level)
-    from llm_workers.fusion_worker import run
+    from fusion.worker import run
     from models.artifact import ArtifactError
     try:
         run(settings)
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"])
     p.add_argument("--limit", type=int, help="only the first N events")
     p.add_argument("--json", action="store_true", help="one line of JSON")
-    from llm_workers.dare.bench import add_arguments as dare_arguments  # stdlib-only import
+    from benchmarks.bench_dare import add_arguments as dare_arguments  # stdlib-only import
     dare_arguments(p.add_argument_group("dare (retrieval-pool speculative decoding)"))
     g = p.add_argument_group("llm-cost (cascade vs naive token cost)")
     g.add_argument("--users", type=int, default=1000,

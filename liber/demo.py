@@ -19,12 +19,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from liber.settings import Settings
+from core.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
-from streams.records import ClosedPartition, InvalidRecord, Summary, decode
+from core.records import ClosedPartition, InvalidRecord, Summary, decode
 from streams.replay import replay
-from streams.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics
+from core.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics
 
 
 class Process:

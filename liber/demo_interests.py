@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from liber.settings import Settings
-from models.artifact import ArtifactError, default_artifact_dir, resolve, train_tiny_artifact
+from core.settings import Settings
+from models.artifact import ArtifactError, default_artifact_dir, resolve
+from models.training import train_tiny_artifact
 from models.ranker import ExampleRanker
 from streams import movielens
 from streams.producer import BehaviorProducer
@@ -40,7 +41,7 @@ def demo_artifact(settings: Settings, dataset: str, log=print) -> Path:
         log(f"  using the tiny demo artifact {path} (trained earlier on a few users: its "
             f"vectors show the plumbing, not recommendation quality)")
     except ArtifactError:
-        log("  training a tiny UIF artifact now (models.artifact.train_tiny_artifact: 16 "
+        log("  training a tiny UIF artifact now (models.training.train_tiny_artifact: 16 "
             "users, one epoch; its vectors show the plumbing, not recommendation quality)")
         path = train_tiny_artifact(settings, root, dataset=dataset)
         log(f"  tiny artifact: {path}")
@@ -92,8 +93,8 @@ def show_before_after(settings: Settings, dataset: str, users: list[str], per_us
     ranker = ExampleRanker.open(settings, artifact, Path(settings.state_path) / "ranker-cache")
     try:
         from liber.demo import _read  # the user's summaries: rank with the newest vector
-        from streams.records import Summary
-        from streams.topics import SUMMARIES
+        from core.records import Summary
+        from core.topics import SUMMARIES
         newest = max((s.seq for s in _read(settings, SUMMARIES, Summary).get(user, [])),
                      default=0)
         version = _wait_version(ranker, user, newest - 1, timeout=300)

@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field
 
 from kafka import KafkaConsumer, TopicPartition
 
-from liber.settings import Settings
-from streams import dead_letter
-from streams.records import (BehaviorEvent, ClosedPartition, InterestVector, InvalidRecord,
+from core.settings import Settings
+from core import dead_letter
+from core.records import (BehaviorEvent, ClosedPartition, InterestVector, InvalidRecord,
                              Summary, decode)
-from streams.topics import (BEHAVIORS, INPUT_TOPICS, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
+from core.topics import (BEHAVIORS, INPUT_TOPICS, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
                             dlq)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from liber.settings import Settings
+from core.settings import Settings
 
 
 class KafkaCheckError(RuntimeError):

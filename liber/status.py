@@ -117,8 +117,8 @@ def recent_closes(settings, n: int, timeout_s: float = 5.0) -> list[Close]:
     """The last `n` records of partitions.closed, newest first."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from streams.records import ClosedPartition, InvalidRecord, decode
-    from streams.topics import PARTITIONS_CLOSED
+    from core.records import ClosedPartition, InvalidRecord, decode
+    from core.topics import PARTITIONS_CLOSED
     name = settings.topic(PARTITIONS_CLOSED)
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
                              allow_auto_create_topics=False, client_id=f"{settings.app_id}-status",

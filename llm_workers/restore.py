@@ -21,8 +21,8 @@ from kafka.partitioner.default import murmur2
 
 from llm_workers import metrics
 from llm_workers.state import Store
-from streams.records import InvalidRecord, Summary, decode
-from streams.topics import SUMMARIES
+from core.records import InvalidRecord, Summary, decode
+from core.topics import SUMMARIES
 
 log = logging.getLogger("liber.llm")
 

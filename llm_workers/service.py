@@ -37,15 +37,15 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from liber import logs
-from liber.settings import Settings
+from core import logs
+from core.settings import Settings
 from llm_workers import backends, collective, metrics, prompts, restore
 from llm_workers.prompts import Activity
 from llm_workers.scheduler import Job, Offsets, Scheduler, TokenBudget
 from llm_workers.state import Store
-from streams import dead_letter
-from streams.records import ClosedPartition, CollectiveSummary, InvalidRecord, Summary, decode
-from streams.topics import COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, dlq
+from core import dead_letter
+from core.records import ClosedPartition, CollectiveSummary, InvalidRecord, Summary, decode
+from core.topics import COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, dlq
 from ops import metrics as ops_metrics
 
 log = logging.getLogger("liber.llm")
@@ -622,8 +622,8 @@ class LLMWorker:
 
 
 def until_reachable(what: str, call):
-    """`streams.worker.until_reachable`, logged as the LLM worker's."""
-    from streams.worker import until_reachable as retried
+    """`core.kafka.until_reachable`, logged as the LLM worker's."""
+    from core.kafka import until_reachable as retried
     return retried(what, call, logger=log)
 
 
@@ -639,7 +639,7 @@ def _activities(record: ClosedPartition) -> list[Activity]:
 
 def run(settings: Settings) -> None:
     from llm_workers.dare import metrics as _dare_metrics  # noqa: F401  (liber_dare_* on /metrics)
-    from streams.topics import create_topics
+    from core.topics import create_topics
     logs.started(log, "llm-worker", settings)
     backend = backends.create(settings)  # a bad backend or model fails before touching Kafka
     until_reachable("topic creation", lambda: create_topics(settings, log=log.info))

@@ -12,7 +12,7 @@ takes either a version directory or the root.
     scorer = CtrScorer.load(default_artifact_dir(settings))
     probs = scorer.score(vectors[0], ["1193", "661"], ["914", "3408", "2355"])
 
-`train_tiny_artifact(settings, out_dir)` builds a small real artifact (a few MovieLens-100K
+`models.training.train_tiny_artifact(settings, out_dir)` builds a small real artifact (a few MovieLens-100K
 users, one epoch, summaries replaced by the partitions' own item text, so no LLM runs): for
 tests of code that consumes artifacts.
 """
@@ -234,15 +234,3 @@ class CtrScorer:
             vec = torch.from_numpy(np.ascontiguousarray(user_vector)).expand(n, -1)
         with torch.no_grad():
             return torch.sigmoid(self.backbone(batch, vec)).numpy().astype(np.float32)
-
-
-def train_tiny_artifact(settings, out_dir: str | os.PathLike, *, dataset: str = "ml-100k",
-                        users: int = 16, depth: int = 2, backbone: str = "din",
-                        seed: int = 0) -> Path:
-    """A small but real artifact in seconds: `users` MovieLens users, one epoch, partition item
-    text instead of LLM summaries (no LLM runs). Returns the version directory."""
-    from models.training import TrainConfig, train_artifact
-    return train_artifact(settings.replace(drift_threshold=0.0), out_dir, dataset=dataset,
-                          n_users=users, depth=depth, k=2, source="item_text",
-                          backbone=backbone, history_len=20,
-                          cfg=TrainConfig(epochs=1, seed=seed), data_seed=seed)

@@ -4,7 +4,7 @@
 - Users: drawn in a seeded random order among those with more than `depth` closed
   partitions, split by user into train / validation / test (no user in two splits).
 - Partitions: each user's ratings in time order (ties: file order) through the real UBSP code,
-  `streams.partitioner.add_event`, with the close rules (and drift rule) of the settings.
+  `streams.ubsp.add_event`, with the close rules (and drift rule) of the settings.
 - Samples: every rating of a user after the end of the user's first partition (seq 0) and at
   most the end of partition seq `depth`: each sample has 1..depth closed partitions behind it,
   so only partitions seq 0..depth-1 need summaries.
@@ -30,7 +30,8 @@ import numpy as np
 from llm_workers.prompts import Activity, _grouped
 from models.layers import UNKNOWN_RATING
 from models.summaries_batch import BatchPartition, SummaryText
-from streams import movielens, partitioner, replay
+from streams import movielens, replay
+from streams import ubsp
 
 
 # --- catalogue --------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class UserHistory:
     item_ids: list[str]
     ratings: list[float]
     ts: list[int]
-    partitions: list[partitioner.Closed] = field(default_factory=list)
+    partitions: list[ubsp.Closed] = field(default_factory=list)
 
     def end_ts(self) -> list[float]:
         return [p.end_ts for p in self.partitions]
@@ -96,17 +97,17 @@ def group_ratings(ratings: Sequence[movielens.Rating]) -> dict[str, UserHistory]
     return users
 
 
-def partition_user(history: UserHistory, rules: partitioner.CloseRules, *,
+def partition_user(history: UserHistory, rules: ubsp.CloseRules, *,
                    drift: Callable[[list[str], str], bool] | None = None,
                    dataset: str = "ml") -> None:
     """Cut the user's ratings into partitions with the stream worker's UBSP code. The cache
     still open at the end is not a partition (nothing closed it yet)."""
-    state = partitioner.new_state()
+    state = ubsp.new_state()
     history.partitions = []
     for n, (item, rating, ts) in enumerate(zip(history.item_ids, history.ratings, history.ts)):
-        outcome, closed = partitioner.add_event(state, history.user_id, f"{dataset}:{history.user_id}:{n}",
+        outcome, closed = ubsp.add_event(state, history.user_id, f"{dataset}:{history.user_id}:{n}",
                                                 item, "rate", float(ts), rating, rules, drift)
-        if outcome != partitioner.ACCEPTED:
+        if outcome != ubsp.ACCEPTED:
             raise RuntimeError(f"user {history.user_id}: event {n} was {outcome}; ratings must "
                                "come in time order without duplicates")
         history.partitions.extend(closed)

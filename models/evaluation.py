@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from liber.machine import describe as describe_machine
+from core.machine import describe as describe_machine
 from models import training
 from models.training import SplitTensors, TrainConfig, auc, logloss
 
@@ -190,7 +190,7 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 40, depth: int = 2, k:
                         "before the sample (item, rating); variants add the UIF user vector",
             "leakage": "history, partitions, summaries and vectors use only ratings with "
                        "ts < the sample's ts (partitions whose last rating is >= ts are unused)",
-            "partitions": "streams.partitioner (UBSP) with the settings' close rules "
+            "partitions": "streams.ubsp (UBSP) with the settings' close rules "
                           f"(max_events {settings.max_events}, max_gap_s {settings.max_gap_s}, "
                           f"max_span_s {settings.max_span_s}, drift "
                           f"{settings.drift_threshold if data.stats.get('drift') else 'off'})",

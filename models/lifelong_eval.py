@@ -32,7 +32,8 @@ from models.lifelong_data import AggregateTable, LifelongConfig
 from models.summaries_batch import BatchSummariser
 from models.text_encoder import DIM, TextEncoder
 from models.training import SplitTensors
-from streams import movielens, partitioner
+from streams import movielens
+from streams import ubsp
 
 VARIANTS = ("base", "base_long", "aggregate", "liber", "naive")
 DEFAULT_VARIANTS = ("base", "base_long", "aggregate", "liber")
@@ -57,7 +58,7 @@ def prepare(settings, *, users: int, cfg: LifelongConfig, k: int, sources, data_
     eligible = sum(len(h.ts) >= cfg.min_ratings for h in all_histories.values())
     chosen = choose_users(all_histories, cfg, users, data_seed)
     histories = {u: lifelong_data.cut(all_histories[u], cfg.max_history) for u in chosen}
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     drift = training._drift_rule(settings, catalog, histories.values()) \
         if settings.drift_threshold > 0 else None
     for h in histories.values():
@@ -277,7 +278,7 @@ def _protocol(settings, cfg, k, seeds, epochs, patience, data) -> dict:
                    "partition vectors + the lifelong one) -> attention fusion -> hybrid-expert "
                    "adaptor -> the backbone",
         "leakage": "everything a sample uses has ts strictly below the sample's",
-        "partitions": "streams.partitioner (UBSP) with the settings' close rules (max_events "
+        "partitions": "streams.ubsp (UBSP) with the settings' close rules (max_events "
                       f"{settings.max_events}, max_gap_s {settings.max_gap_s}, max_span_s "
                       f"{settings.max_span_s}, drift "
                       f"{settings.drift_threshold if data['drift'] else 'off'})",

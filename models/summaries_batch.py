@@ -4,7 +4,7 @@ The CTR evaluation needs the summaries the online path would have written for ea
 first partitions. Rather than a separate summariser, this runs the very same code:
 `llm_workers.prompts.cascade_prompt` / `fit_naive_prompt`, a backend from
 `llm_workers.backends.create(settings)` and `llm_workers.prompts.parse`, on partitions cut by
-`streams.partitioner` (models/ctr_data.py). Differences from the worker, on purpose:
+`streams.ubsp` (models/ctr_data.py). Differences from the worker, on purpose:
 
 - batches are formed by depth: partition d of every user in one or more calls, since cascade
   step d needs step d-1's profile (the worker batches whatever is queued);

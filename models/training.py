@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sqlite3
 import time
 from collections.abc import MutableMapping
@@ -20,11 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models import ctr_data, uif
+from models import artifact, ctr_data, uif
 from models.ctr_data import Catalog, Samples, VectorTable
 from models.summaries_batch import BatchSummariser, SummaryText
 from models.text_encoder import DIM, TextEncoder
-from streams import movielens, partitioner
+from streams import movielens, ubsp
 
 SOURCES = ("cascade", "naive", "item_text")
 
@@ -85,7 +86,7 @@ def prepare(settings, *, dataset: str = "ml-1m", n_users: int = 60, depth: int =
     data_dir = movielens.fetch(settings.home, datasets=(dataset,), log=lambda m: None)[dataset]
     catalog = ctr_data.load_catalog(data_dir, dataset)
     histories = ctr_data.group_ratings(movielens.load_ratings(data_dir, dataset))
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     # Draw in a seeded order, cutting each drawn user's partitions, until n_users have more
     # than `depth` closed partitions; the drift rule only needs the vectors of their items.
     order = ctr_data.shuffled_users(histories, data_seed)
@@ -290,7 +291,6 @@ def train_artifact(settings, out_dir: str | Path | None = None, *, dataset: str 
                    max_new_tokens: int = 64, batch_size: int = 16, data_seed: int = 0,
                    log: Callable[[str], object] = lambda m: None) -> Path:
     """Prepare, train (with the interest head), test, save; returns the version directory."""
-    from models import artifact
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}")
     cfg = cfg or TrainConfig()
@@ -316,3 +316,14 @@ def train_artifact(settings, out_dir: str | Path | None = None, *, dataset: str 
                          metrics=metrics, training=training)
     log(f"artifact {path.name}: test AUC {metrics['test_auc']:.4f}")
     return path
+
+
+def train_tiny_artifact(settings, out_dir: str | os.PathLike, *, dataset: str = "ml-100k",
+                        users: int = 16, depth: int = 2, backbone: str = "din",
+                        seed: int = 0) -> Path:
+    """A small but real artifact in seconds: `users` MovieLens users, one epoch, partition item
+    text instead of LLM summaries (no LLM runs). Returns the version directory."""
+    return train_artifact(settings.replace(drift_threshold=0.0), out_dir, dataset=dataset,
+                          n_users=users, depth=depth, k=2, source="item_text",
+                          backbone=backbone, history_len=20,
+                          cfg=TrainConfig(epochs=1, seed=seed), data_seed=seed)

@@ -9,7 +9,7 @@ import time
 
 import faust
 
-from liber import logs
+from core import logs
 from ops import metrics
 
 log = logging.getLogger("liber.stream")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS
+from core.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS
 
 log = logging.getLogger("liber.lag")
 WARN_AFTER_FAILURES = 3

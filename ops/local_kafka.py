@@ -531,7 +531,7 @@ def _reap(pid: int) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - thin script entry for ops/kafka.sh
-    from liber.settings import Settings
+    from core.settings import Settings
     settings = Settings.load()
     broker = LocalKafka(settings.home, Path(settings.home) / "broker", port=9092, detached=True)
     {"start": broker.start, "stop": broker.stop}[sys.argv[1]]()

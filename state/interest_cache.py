@@ -31,9 +31,9 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
-from liber.settings import Settings
-from streams.records import InterestVector, InvalidRecord, decode
-from streams.topics import USER_INTERESTS
+from core.settings import Settings
+from core.records import InterestVector, InvalidRecord, decode
+from core.topics import USER_INTERESTS
 
 log = logging.getLogger("liber.interest_cache")
 _HEAD = struct.Struct("<I")  # length of the JSON header that precedes the float32 values

@@ -1,6 +1,6 @@
 """The Faust app of the stream worker: topics, RocksDB tables and the UBSP agent.
 
-Records are read as raw bytes and validated by `streams.records`, so a bad record is
+Records are read as raw bytes and validated by `core.records`, so a bad record is
 dead-lettered with its reason instead of crashing Faust's deserializer.
 """
 from __future__ import annotations
@@ -17,16 +17,17 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faust.sensors.monitor import Monitor
 from kafka.partitioner.default import murmur2
 
-from liber import logs
-from liber.settings import Settings
+from core import logs
+from core.settings import Settings
 from ops import metrics
-from streams import dead_letter, partitioner
+from core import dead_letter
+from streams import ubsp
 from streams import drift as drift_rule
 from streams import store_memory
 from streams.quiet_users import QuietUsers
-from streams.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item, PartitionEvent,
+from core.records import (BehaviorEvent, ClosedPartition, InvalidRecord, Item, PartitionEvent,
                              decode)
-from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, dlq
+from core.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, dlq
 
 log = logging.getLogger("liber.stream")
 REPLAYED = "replayed"
@@ -233,7 +234,7 @@ class TrackedGlobalTable(TrackedSends, faust.GlobalTable):
 
 
 def consuming_options(settings: Settings) -> dict:
-    """How the worker's Faust app reads: shared with streams/faust_floor.py, whose agent must
+    """How the worker's Faust app reads: shared with benchmarks/faust_floor.py, whose agent must
     pay exactly the worker's per-event costs to be its floor."""
     return dict(topic_partitions=settings.topic_partitions, consumer_auto_offset_reset="earliest",
                 web_enabled=False, stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
@@ -290,8 +291,8 @@ def create_app(settings: Settings) -> faust.App:
     # Per-user UBSP state; `use_partitioner` keeps the changelog partition equal to the
     # behaviours partition of the same user key (both use Kafka's murmur2 partitioner).
     user_state = table(TrackedTable, "ubsp-state", BEHAVIORS, use_partitioner=True,
-                       key_type=bytes)  # values: JSON dicts (see streams.partitioner)
-    rules = partitioner.CloseRules.from_settings(settings)
+                       key_type=bytes)  # values: JSON dicts (see streams.ubsp)
+    rules = ubsp.CloseRules.from_settings(settings)
     quiet = QuietUsers(rules)
     # Item embeddings for the drift rule, shared by all workers like the item text.
     item_vectors = table(TrackedGlobalTable, drift_rule.ITEM_VECTORS_TABLE, ITEMS, **global_table)
@@ -359,19 +360,19 @@ def create_app(settings: Settings) -> faust.App:
 
     drift = drift_rule.DriftRule.from_settings(settings, vectors, text_of=known_text)
 
-    def encode_partition(closed: partitioner.Closed) -> bytes:
+    def encode_partition(closed: ubsp.Closed) -> bytes:
         events = [PartitionEvent(event_id, item_id, action, ts, value, text_of(item_id))
                   for event_id, item_id, action, ts, value in closed.events]
         return ClosedPartition(closed.user_id, closed.seq, tuple(events), closed.start_ts,
                                closed.end_ts, closed.reason).encode_within(
                                    settings.max_payload_bytes)
 
-    def send_partition(closed: partitioner.Closed, value: bytes, event) -> None:
+    def send_partition(closed: ubsp.Closed, value: bytes, event) -> None:
         send(BEHAVIORS, closed_topic, closed.user_id.encode(), value, None, event,
              dlqs[PARTITIONS_CLOSED], value)
         metrics.PARTITIONS_CLOSED.labels(rule=closed.reason).inc()
 
-    def publish(closed: partitioner.Closed, event) -> None:
+    def publish(closed: ubsp.Closed, event) -> None:
         send_partition(closed, encode_partition(closed), event)
 
     def stops_worker(fun):
@@ -434,7 +435,7 @@ def create_app(settings: Settings) -> faust.App:
         so each touched user's state is written once per batch, not once per event."""
         now = time.time()
         touched: dict[bytes, tuple[dict, object]] = {}
-        processed = {partitioner.ACCEPTED: 0, partitioner.DUPLICATE: 0, REPLAYED: 0}
+        processed = {ubsp.ACCEPTED: 0, ubsp.DUPLICATE: 0, REPLAYED: 0}
         for event in batch:
             try:
                 outcome = apply_one(event, now, touched)
@@ -458,19 +459,19 @@ def create_app(settings: Settings) -> faust.App:
         key, offset = event.message.key, event.message.offset
         quiet.observe(event.message.partition, record.ts)
         entry = touched.get(key)
-        state = entry[0] if entry else (user_state.get(key) or partitioner.new_state())
+        state = entry[0] if entry else (user_state.get(key) or ubsp.new_state())
         if offset <= state.get("offset", -1):
             return REPLAYED  # redelivered after a crash; the recovered state already has it
         # add_event works in place: keep a shallow copy so that a partition that cannot be
         # encoded leaves the user's cache as it was (only this event is dead-lettered).
         before = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
-        outcome, closed = partitioner.add_event(state, record.user_id, record.event_id,
+        outcome, closed = ubsp.add_event(state, record.user_id, record.event_id,
                                                 record.item_id, record.action, record.ts,
                                                 record.value, rules, drift)
-        if outcome == partitioner.LATE:
+        if outcome == ubsp.LATE:
             raise InvalidRecord("late", f"ts={record.ts} older than the user's newest event "
                                         f"minus max_lateness_s={rules.max_lateness_s}")
-        if outcome == partitioner.ACCEPTED:
+        if outcome == ubsp.ACCEPTED:
             try:
                 values = [encode_partition(part) for part in closed]
             except Exception:
@@ -581,7 +582,7 @@ def create_app(settings: Settings) -> faust.App:
                 state = touched[key][0] if key in touched else user_state.get(key)
                 if state is None:
                     continue
-                closed = partitioner.sweep(state, key.decode(), quiet.watermark[partition], rules)
+                closed = ubsp.sweep(state, key.decode(), quiet.watermark[partition], rules)
                 if closed:
                     publish(closed, event)
                     touched[key] = (state, event)

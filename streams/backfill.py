@@ -4,7 +4,7 @@
     liber backfill PATH.parquet --from-dataset ml-1m --until TS [--users N] [--write-only]
 
 A deployment starts with years of history without sending each event through Kafka: the file
-is cut into partitions in process by the very same `streams.partitioner.add_event` the worker
+is cut into partitions in process by the very same `streams.ubsp.add_event` the worker
 runs (each user's events sorted by `ts`, ties in file order), then
 
 1. every closed partition goes to `partitions.closed` (records.ClosedPartition, keyed by user,
@@ -54,10 +54,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from liber.settings import Settings
-from streams import dead_letter, partitioner
-from streams.records import ACTIONS, MAX_ID_LEN, MAX_TEXT_LEN
-from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, create_topics, dlq
+from core.settings import Settings
+from core import dead_letter
+from streams import ubsp
+from core.records import ACTIONS, MAX_ID_LEN, MAX_TEXT_LEN
+from core.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, create_topics, dlq
 
 log = logging.getLogger("liber.backfill")
 
@@ -186,15 +187,15 @@ def _drift_kwargs(rule) -> dict:
     """`add_event(..., drift=rule)` once the partitioner has the drift rule (see its docstring)."""
     if rule is None:
         return {}
-    if "drift" not in inspect.signature(partitioner.add_event).parameters:
-        log.warning("drift_threshold is set but streams.partitioner.add_event has no drift rule "
+    if "drift" not in inspect.signature(ubsp.add_event).parameters:
+        log.warning("drift_threshold is set but streams.ubsp.add_event has no drift rule "
                     "yet: backfilling without it, as the worker does")
         return {}
     return {"drift": rule}
 
 
-def partition_histories(table: pa.Table, rules: partitioner.CloseRules, drift=None,
-                        on_closed: Callable[[partitioner.Closed], None] | None = None,
+def partition_histories(table: pa.Table, rules: ubsp.CloseRules, drift=None,
+                        on_closed: Callable[[ubsp.Closed], None] | None = None,
                         result: BackfillResult | None = None) -> dict[str, dict]:
     """Run add_event over each user's events (by ts, ties in row order); returns
     {user_id: final state with backfill_until}; closed partitions go to `on_closed`."""
@@ -211,7 +212,7 @@ def partition_histories(table: pa.Table, rules: partitioner.CloseRules, drift=No
     stamps = table.column("ts").to_pylist()
     values = table.column("value").to_pylist()
     states: dict[str, dict] = {}
-    add_event, accepted, duplicate = partitioner.add_event, partitioner.ACCEPTED, partitioner.DUPLICATE
+    add_event, accepted, duplicate = ubsp.add_event, ubsp.ACCEPTED, ubsp.DUPLICATE
     by_rule = result.by_rule
     user, state, seen, until = None, None, None, None
     for i in range(len(event_ids)):
@@ -219,7 +220,7 @@ def partition_histories(table: pa.Table, rules: partitioner.CloseRules, drift=No
             if state is not None and until is not None:
                 state[BACKFILL_UNTIL] = until
                 states[user] = state
-            user, state, seen, until = user_ids[i], partitioner.new_state(), set(), None
+            user, state, seen, until = user_ids[i], ubsp.new_state(), set(), None
         event_id = event_ids[i]
         # The whole file is one history: a repeated event id is a duplicate however far apart
         # (the worker's filter only remembers the last `dedup_window` ids).
@@ -249,7 +250,7 @@ def partition_histories(table: pa.Table, rules: partitioner.CloseRules, drift=No
     return states
 
 
-def partition_value(part: partitioner.Closed, text_of: Callable[[str], str], *,
+def partition_value(part: ubsp.Closed, text_of: Callable[[str], str], *,
                     max_bytes: int | None = None) -> bytes:
     """The `partitions.closed` value of a partition: the bytes of records.ClosedPartition.encode()
     (same keys, order and separators), built without dataclasses.asdict's deep copies. With
@@ -264,7 +265,7 @@ def partition_value(part: partitioner.Closed, text_of: Callable[[str], str], *,
     if max_bytes is None or (len(raw) <= max_bytes and
                              all(len(e["text"]) <= MAX_TEXT_LEN for e in events)):
         return raw
-    from streams.records import ClosedPartition, PartitionEvent
+    from core.records import ClosedPartition, PartitionEvent
     return ClosedPartition(part.user_id, part.seq, tuple(PartitionEvent(**e) for e in events),
                            part.start_ts, part.end_ts, part.reason).encode_within(max_bytes)
 
@@ -340,7 +341,7 @@ def ensure_changelog(settings: Settings, admin, name: str, partitions: int) -> N
                                           topic_configs={"cleanup.policy": "compact"})])
         except TopicAlreadyExistsError:
             pass
-        from streams.topics import _wait_for_leaders
+        from core.topics import _wait_for_leaders
         _wait_for_leaders(admin, [name])
     have = _partition_counts(admin, [name]).get(name)
     if have != partitions:
@@ -392,7 +393,7 @@ def read_compacted(settings: Settings, topic: str, timeout: float = 60.0) -> dic
 def read_item_texts(settings: Settings) -> dict[str, str]:
     """item_id -> prompt text (records.Item.text()) from the `items` topic, as the worker's
     items agent would store it; invalid records are skipped (the worker dead-letters them)."""
-    from streams.records import InvalidRecord, Item, decode
+    from core.records import InvalidRecord, Item, decode
 
     texts = {}
     for key, value in read_compacted(settings, settings.topic(ITEMS)).items():
@@ -530,7 +531,7 @@ def run(settings: Settings, path: str | Path, *, force: bool = False, items: boo
     result.items_with_text = len(texts)
     t = lap("items", t)
 
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     drift_rule, vector_records = None, []
     if drift_on:
         from streams.drift import DriftRule, ItemVectors
@@ -552,7 +553,7 @@ def run(settings: Settings, path: str | Path, *, force: bool = False, items: boo
     def text_of(item_id: str) -> str:
         return texts.get(item_id) or f"item {item_id}"
 
-    def on_closed(part: partitioner.Closed) -> None:
+    def on_closed(part: ubsp.Closed) -> None:
         out.append((closed_topic, None, part.user_id.encode("utf-8"),
                     partition_value(part, text_of, max_bytes=settings.max_payload_bytes), []))
 

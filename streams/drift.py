@@ -305,7 +305,7 @@ def should_close_for_drift(cache_item_ids: list[str], new_item_id: str, vectors:
 
 
 class DriftRule:
-    """The rule as the callable `partitioner.add_event(..., drift=)` takes:
+    """The rule as the callable `ubsp.add_event(..., drift=)` takes:
     `rule(cache_item_ids, new_item_id) -> bool`.
 
     With `text_of` (item id -> catalogue text, None when unknown), items without a vector are
@@ -343,8 +343,9 @@ def measure(dataset: str = "ml-1m", home: str | None = None, thresholds=(0.6, 0.
     close, under the default count/gap/span rules. What the default threshold rests on."""
     import time
 
-    from liber.settings import Settings
-    from streams import movielens, partitioner
+    from core.settings import Settings
+    from streams import movielens
+    from streams import ubsp
     from streams.replay import movie_item
 
     settings = Settings.load(home=home)
@@ -354,14 +355,14 @@ def measure(dataset: str = "ml-1m", home: str | None = None, thresholds=(0.6, 0.
     vectors.put_texts({m.item_id: movie_item(m).text() for m in movielens.load_items(data_dir, dataset)})
     log(f"{dataset}: {len(vectors)} item texts encoded in {time.monotonic() - start:.1f}s")
     ratings = movielens.load_ratings(data_dir, dataset)
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
 
     def run(rule) -> tuple[dict, list]:
         states: dict[str, dict] = {}
         reasons: dict[str, int] = {}
         distances = []
         for r in ratings:
-            state = states.get(r.user_id) or states.setdefault(r.user_id, partitioner.new_state())
+            state = states.get(r.user_id) or states.setdefault(r.user_id, ubsp.new_state())
             closed = []
             cache = state["events"]
             ts = float(r.ts)
@@ -373,8 +374,8 @@ def measure(dataset: str = "ml-1m", home: str | None = None, thresholds=(0.6, 0.
                 if rule is None:
                     distances.append(distance)
                 elif distance is not None and distance > rule:
-                    closed.append(partitioner._close(r.user_id, state, "drift"))
-            _, more = partitioner.add_event(state, r.user_id, str(r.line), r.item_id, "rate", ts,
+                    closed.append(ubsp._close(r.user_id, state, "drift"))
+            _, more = ubsp.add_event(state, r.user_id, str(r.line), r.item_id, "rate", ts,
                                             r.rating, rules)
             for part in closed + more:
                 reasons[part.reason] = reasons.get(part.reason, 0) + 1

@@ -244,6 +244,6 @@ def _year(title: str) -> int | None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(_REPO))
-    from liber.settings import Settings
+    from core.settings import Settings
 
     fetch(Settings.load().home)

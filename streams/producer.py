@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from kafka import KafkaProducer
 
-from liber.settings import Settings
-from streams.records import BehaviorEvent, Item
-from streams.topics import BEHAVIORS, ITEMS
+from core.settings import Settings
+from core.records import BehaviorEvent, Item
+from core.topics import BEHAVIORS, ITEMS
 
 
 class BehaviorProducer:

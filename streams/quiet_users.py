@@ -4,13 +4,13 @@
 another event would keep an open cache forever. Event time still advances on the user's stream
 partition through other users' events, so each partition keeps a watermark (the newest event
 time seen there) and an index of its users with open caches; once the watermark has moved far
-enough, those caches are closed by the same rules (`streams.partitioner.sweep`).
+enough, those caches are closed by the same rules (`streams.ubsp.sweep`).
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
-from streams.partitioner import CloseRules
+from streams.ubsp import CloseRules
 
 
 class QuietUsers:

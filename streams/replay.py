@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
-from liber.settings import Settings
+from core.settings import Settings
 from streams import movielens
 from streams.producer import BehaviorProducer
-from streams.records import BehaviorEvent, Item
+from core.records import BehaviorEvent, Item
 
 
 @dataclass

@@ -21,37 +21,14 @@ import threading
 import time
 from pathlib import Path
 
-from liber import logs
-from liber.settings import Settings
+from core import logs
+from core.settings import Settings
 from ops import metrics
 
 log = logging.getLogger("liber.stream")
 CLEAN_MARKER = "CLEAN_SHUTDOWN"
 REBALANCE_STALL_S = 180.0  # Faust's own rebalance and session limits are 60 s
 STALLED_EXIT = 75  # EX_TEMPFAIL: try again
-UNREACHABLE_BACKOFF_S = (1.0, 10.0)  # first and longest wait between tries
-
-
-def until_reachable(what: str, call, logger: logging.Logger = log,
-                    backoff_s: tuple[float, float] = UNREACHABLE_BACKOFF_S):
-    """call() until no retriable Kafka client error says the cluster is out of reach (every
-    bootstrap server down, a request sent to a broker that just died, no leader yet); each
-    failure is logged. A worker started while a broker, or the whole cluster, is down waits
-    instead of exiting."""
-    from kafka.errors import KafkaError
-    delay, longest = backoff_s
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            return call()
-        except KafkaError as exc:
-            if not getattr(exc, "retriable", False):
-                raise
-            logs.event(logger, "kafka_unreachable", logging.WARNING, what=what, tries=tries,
-                       retry_in_s=delay, error=repr(exc)[:300])
-            time.sleep(delay)
-            delay = min(longest, delay * 2)
 
 
 class RebalanceWatchdog(threading.Thread):
@@ -152,7 +129,7 @@ def run(settings: Settings) -> None:
         log.warning("unclean shutdown before: local RocksDB state in %s discarded, "
                     "recovering it from the changelog", table_dir)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
-                          override_logging=False)  # keep liber.logs' JSON lines
+                          override_logging=False)  # keep core.logs' JSON lines
     clean = False
     try:
         worker.execute_from_commandline()

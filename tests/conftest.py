@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from liber.settings import Settings
+from core.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
 

@@ -5,7 +5,7 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
-from liber.settings import Settings
+from core.settings import Settings
 
 
 def read_topic(settings: Settings, logical: str, *, expect: int | None = None,

@@ -1,11 +1,12 @@
-"""A tiny real UIF artifact (models.artifact.train_tiny_artifact), built once per test session
+"""A tiny real UIF artifact (models.training.train_tiny_artifact), built once per test session
 and shared by the test modules that consume artifacts (fusion worker, ranker)."""
 from __future__ import annotations
 
 import fcntl
 from pathlib import Path
 
-from models.artifact import resolve, train_tiny_artifact
+from models.artifact import resolve
+from models.training import train_tiny_artifact
 
 
 def tiny_artifact(tmp_path_factory, settings) -> Path:

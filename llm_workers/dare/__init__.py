@@ -8,7 +8,7 @@
     backend       DARE inside the LLM worker's transformers backend (LIBER_LLM_DARE=1)
     metrics       Prometheus counters `liber_dare_*`, per pool
     bench         `liber bench dare`; uil_prompts builds its cascaded prompts
-    bench_backend the worker's backend plain vs DARE (`python -m llm_workers.dare.bench_backend`)
+    bench_backend the worker's backend plain vs DARE (`python -m benchmarks.bench_dare_backend`)
     bench_span    one verification pass's cost per draft length and dtype
 
 Importing this package imports nothing heavy; torch is needed only by `decoder` (and

@@ -24,7 +24,7 @@ ROUTER_META = "router"
 
 def check_settings(settings) -> None:
     """The DARE settings' own validation (Settings.validate does not know them)."""
-    from liber.settings import SettingsError
+    from core.settings import SettingsError
     if settings.dare_mode not in MODES:
         raise SettingsError(f"LIBER_DARE_MODE={settings.dare_mode!r}: must be off, strict or relaxed")
     for name in ("dare_top_k", "dare_clusters", "dare_max_ngram", "dare_pool_max_tokens"):

@@ -20,9 +20,9 @@
 # commands that rebuild them there. The float copy (517 MB) is too big to ship; the GGUF
 # (97 MB) converts to the same weights.
 #
-# Steps: `python -m llm_workers.dare.bench` in float32 (strict must stay identical to greedy,
-# transformers' generate() as a second baseline), `llm_workers.dare.bench_span` (one pass per
-# draft length), the bench again in bfloat16, and `llm_workers.dare.bench_backend` (the LLM
+# Steps: `python -m benchmarks.bench_dare` in float32 (strict must stay identical to greedy,
+# transformers' generate() as a second baseline), `benchmarks.bench_dare_span` (one pass per
+# draft length), the bench again in bfloat16, and `benchmarks.bench_dare_backend` (the LLM
 # worker's own backend in bfloat16 against float32 plain), each while enough budget is left.
 # Each has its own timeout, so the script always ends inside the budget and reports what
 # finished: one JSON file per step under --out.
@@ -51,7 +51,7 @@ say() { printf '[bench_dare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 if [ -n "$PACK" ]; then   # gather what the GPU machine needs (run where `liber` works)
   PACK=$(mkdir -p "$PACK" && cd "$PACK" && pwd) || exit 1
   GPU_PYTHON=${GPU_PYTHON:-3.12}    # the GPU machine's python, for rocksdict's binary wheel
-  HOME_DIR=$(cd "$REPO" && "$PY" -c 'from liber.settings import Settings; print(Settings.load().home)') || exit 1
+  HOME_DIR=$(cd "$REPO" && "$PY" -c 'from core.settings import Settings; print(Settings.load().home)') || exit 1
   SOURCE=$(cd "$REPO" && "$PY" -c 'from llm_workers.model_store import gguf_path; print(gguf_path())') || exit 1
   wheels=$("$PY" -c 'from importlib.metadata import version as v
 print(" ".join(f"{n}=={v(n)}" for n in ("gguf", "kafka-python", "rocksdict")))') || exit 1
@@ -109,7 +109,7 @@ if not any(os.path.exists(os.path.join(d, "ratings.dat")) and os.path.exists(os.
     sys.exit(f"{data}: no ratings.dat/movies.dat (MovieLens-1M)")
 if not os.path.exists(os.path.join(model, "config.json")):
     sys.exit(f"{model}: no config.json")
-import llm_workers.dare.bench  # the import-light bench path
+import benchmarks.bench_dare  # the import-light bench path
 EOF
 
 step() {  # step NAME TIMEOUT LOG CMD...: CMD under TIMEOUT, its stderr added to LOG
@@ -124,7 +124,7 @@ step() {  # step NAME TIMEOUT LOG CMD...: CMD under TIMEOUT, its stderr added to
 run() {  # run NAME TIMEOUT ARGS...: `liber bench dare` into dare-NAME.json, its output in dare-NAME.log
   local name=$1 limit=$2 log="$OUT_DIR/dare-$1.log"; shift 2
   : > "$log"
-  step "$name" "$limit" "$log" "$PY" -m llm_workers.dare.bench \
+  step "$name" "$limit" "$log" "$PY" -m benchmarks.bench_dare \
       --data-dir "$DATA_DIR" --model-dir "$MODEL_DIR" --device "$DEVICE" --verbose \
       --out "$OUT_DIR/dare-$name.json" "$@" "${EXTRA[@]}" >> "$log"
 }
@@ -146,7 +146,7 @@ if want float32; then
 fi
 # One verification pass per draft length: what DARE's speedup rests on.
 if want span && [ "$(left)" -gt 90 ]; then
-  module span 60 llm_workers.dare.bench_span --spans 1,2,4,8,16,32,64 --repeats 9 || status=1
+  module span 60 benchmarks.bench_dare_span --spans 1,2,4,8,16,32,64 --repeats 9 || status=1
 fi
 if want bfloat16 && [ "$(left)" -gt 150 ]; then
   run bfloat16 $(( $(left) - 90 < 180 ? $(left) - 90 : 180 )) --dtype bfloat16 "${COMMON[@]}" || status=1
@@ -158,7 +158,7 @@ fi
 if want backend && [ "$(left)" -gt 60 ]; then
   ln -sfn "$(cd "$DATA_DIR" && pwd)" "$LIBER_HOME/data"
   # shellcheck disable=SC2086  # BACKEND_ARGS: one word per argument
-  LIBER_LLM_DTYPE=bfloat16 module backend $(( $(left) - 10 )) llm_workers.dare.bench_backend \
+  LIBER_LLM_DTYPE=bfloat16 module backend $(( $(left) - 10 )) benchmarks.bench_dare_backend \
       --reference-dtype float32 ${BACKEND_ARGS:---batch 8 --prompts 16 --warm 24} || status=1
 elif want backend; then
   say "skipping the worker-backend run: $(left) s of budget left"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import bench_llm, bench_summaries
-from liber.settings import Settings
+from core.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from liber import logs
-from liber.settings import Settings
+from core import logs
+from core.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 import pytest
 
-from liber.settings import Settings, SettingsError
+from core.settings import Settings, SettingsError
 
 
 def test_environment_overrides_file_which_overrides_defaults(tmp_path):

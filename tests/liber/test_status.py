@@ -13,8 +13,8 @@ from prometheus_client.core import CounterMetricFamily
 
 from liber.cli import main
 from ops.local_kafka import free_port
-from streams.records import ClosedPartition, PartitionEvent
-from streams.topics import PARTITIONS_CLOSED, create_topics
+from core.records import ClosedPartition, PartitionEvent
+from core.topics import PARTITIONS_CLOSED, create_topics
 
 pytestmark = pytest.mark.kafka
 T0 = 1_000_000_000.0

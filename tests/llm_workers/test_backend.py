@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from liber.settings import Settings
+from core.settings import Settings
 from llm_workers import backends, prompts
 from llm_workers.prompts import Activity
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from liber.settings import Settings
+from core.settings import Settings
 from llm_workers import backends, prompts
 from llm_workers.dare.decoder import DareDecoder
 from llm_workers.prompts import Activity

@@ -1,5 +1,5 @@
 """`liber bench llm-cost`, tiny: real MovieLens-100K partitions, the real model and tokenizer."""
-from llm_workers import bench_cost
+from benchmarks import bench_cost
 from tests.conftest import base_settings
 
 

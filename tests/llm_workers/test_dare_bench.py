@@ -41,8 +41,8 @@ def test_bench_dare_prints_the_comparison_json(tmp_path):
 
 
 def test_bench_fallback_defaults_follow_the_settings():
-    from liber.settings import Settings
-    from llm_workers.dare.bench import FALLBACK_DEFAULTS
+    from core.settings import Settings
+    from benchmarks.bench_dare import FALLBACK_DEFAULTS
     defaults = Settings.load(env={})
     assert {k: getattr(defaults, k) for k in FALLBACK_DEFAULTS} == FALLBACK_DEFAULTS
 
@@ -56,9 +56,9 @@ def test_bench_path_imports_no_service_dependencies():
             "        raise ModuleNotFoundError('blocked ' + name)\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "import llm_workers.dare.bench, llm_workers.dare.decoder, llm_workers.dare.pools\n"
+            "import benchmarks.bench_dare, llm_workers.dare.decoder, llm_workers.dare.pools\n"
             "import llm_workers.dare.metrics, llm_workers.dare.routing, llm_workers.dare.uil_prompts\n"
-            "import streams.movielens, streams.partitioner\n"
+            "import streams.movielens, streams.ubsp\n"
             "from llm_workers.dare.pools import PoolStore\n"
             "s = PoolStore(); s.add(['a'], [1, 2, 3]); assert s.draft([1, 2], ['a'], 2).tokens == [3]\n"
             "print('ok')\n")

@@ -1,4 +1,4 @@
-"""`python -m llm_workers.dare.bench_backend`, tiny: the worker's backend on real MovieLens-1M
+"""`python -m benchmarks.bench_dare_backend`, tiny: the worker's backend on real MovieLens-1M
 partitions and the real model, plain vs DARE, with a plain reference in another dtype."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_backend_compares_the_worker_backends_in_one_run():
-    cmd = [sys.executable, "-m", "llm_workers.dare.bench_backend", "--json", "--prompts", "2",
+    cmd = [sys.executable, "-m", "benchmarks.bench_dare_backend", "--json", "--prompts", "2",
            "--warm", "2", "--batch", "2", "--max-new-tokens", "16", "--sample-users", "60",
            "--reference-dtype", "bfloat16"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,

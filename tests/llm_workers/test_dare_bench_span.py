@@ -1,4 +1,4 @@
-"""`python -m llm_workers.dare.bench_span`, tiny, on the real model."""
+"""`python -m benchmarks.bench_dare_span`, tiny, on the real model."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_span_times_each_span_per_dtype():
-    cmd = [sys.executable, "-m", "llm_workers.dare.bench_span", "--json", "--dtypes",
+    cmd = [sys.executable, "-m", "benchmarks.bench_dare_span", "--json", "--dtypes",
            "float32,bfloat16", "--spans", "1,4", "--repeats", "1", "--context", "8"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                             env=os.environ)

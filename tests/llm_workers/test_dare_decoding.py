@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from liber.settings import Settings
+from core.settings import Settings
 from llm_workers import model_store
 from llm_workers.dare import uil_prompts
 from llm_workers.dare.decoder import DareDecoder

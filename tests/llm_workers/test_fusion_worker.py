@@ -14,15 +14,15 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from llm_workers import collective
-from llm_workers.fusion_worker import FusionWorker
+from fusion.worker import FusionWorker
 from llm_workers.prompts import Activity
 from models.artifact import InterestModel
 from state.interest_cache import InterestCache
-from streams.dead_letter import REASON
+from core.dead_letter import REASON
 from streams.producer import BehaviorProducer
-from streams.records import (ClosedPartition, CollectiveSummary, InterestVector, PartitionEvent,
+from core.records import (ClosedPartition, CollectiveSummary, InterestVector, PartitionEvent,
                              Summary, decode)
-from streams.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
+from core.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
                             create_topics, dlq)
 from tests.kafka_io import read_topic
 from tests.uif_artifact import tiny_artifact
@@ -267,7 +267,7 @@ def test_dead_letters_are_checked_bounded_and_a_model_failure_is_dead_lettered(
     is sent again without the record's bytes, never dropped with its offset committed."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
-    from streams import dead_letter
+    from core import dead_letter
     settings = settings.replace(fusion_model_dir=str(artifact))
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     try:

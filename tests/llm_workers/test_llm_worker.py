@@ -13,16 +13,16 @@ from kafka.admin import NewTopic
 from kafka.partitioner.default import murmur2
 from prometheus_client import REGISTRY
 
-from liber.fault_backend import FaultyBackend
+from llm_workers.fault_backend import FaultyBackend
 from llm_workers import backends, prompts
 from llm_workers.prompts import Activity
 from llm_workers.service import LLMWorker
 from llm_workers.state import Store
-from streams import dead_letter
-from streams.dead_letter import DETAIL, REASON, SOURCE_OFFSET, SOURCE_TOPIC
+from core import dead_letter
+from core.dead_letter import DETAIL, REASON, SOURCE_OFFSET, SOURCE_TOPIC
 from streams.producer import BehaviorProducer
-from streams.records import ClosedPartition, PartitionEvent, Summary, decode
-from streams.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics, dlq
+from core.records import ClosedPartition, PartitionEvent, Summary, decode
+from core.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics, dlq
 from tests.kafka_io import read_topic
 
 pytestmark = pytest.mark.kafka

@@ -136,8 +136,8 @@ def test_one_partition_through_the_llm_worker(backend, settings):
     """The worker's own path (prompt, batch call, parse, RocksDB, produce) on the vLLM engine."""
     from llm_workers.service import LLMWorker
     from streams.producer import BehaviorProducer
-    from streams.records import ClosedPartition, PartitionEvent, Summary, decode
-    from streams.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics
+    from core.records import ClosedPartition, PartitionEvent, Summary, decode
+    from core.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics
     from tests.kafka_io import read_topic
 
     settings = settings.replace(llm_max_new_tokens=40, llm_batch_wait_s=0.1,

@@ -87,7 +87,7 @@ def test_missing_or_foreign_artifact_is_a_clear_error(tmp_path):
 
 
 def test_tiny_artifact_is_real_and_loadable(tmp_path, encoder):
-    path = artifact.train_tiny_artifact(base_settings(), tmp_path / "uif")
+    path = training.train_tiny_artifact(base_settings(), tmp_path / "uif")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["dataset"] == "ml-100k" and manifest["training"]["source"] == "item_text"
     assert manifest["training"]["samples"]["train"] > 100

@@ -6,7 +6,7 @@ import numpy as np
 from models import ctr_data, lifelong_data
 from models.ctr_data import Catalog, UserHistory
 from models.lifelong_data import AggregateTable, LifelongConfig
-from streams import partitioner
+from streams import ubsp
 
 
 def catalog(n: int) -> Catalog:
@@ -20,7 +20,7 @@ def history(user: str, n: int) -> UserHistory:
     # two ratings share each second, so "strictly before" differs from "earlier in the list"
     h = UserHistory(user, [str(i % 30 + 1) for i in range(n)],
                     [5.0 if i % 3 else 2.0 for i in range(n)], [1000 + i // 2 for i in range(n)])
-    ctr_data.partition_user(h, partitioner.CloseRules(max_events=5, max_gap_s=10**9,
+    ctr_data.partition_user(h, ubsp.CloseRules(max_events=5, max_gap_s=10**9,
                                                       max_span_s=10**9))
     return h
 
@@ -29,7 +29,7 @@ def test_samples_come_late_and_see_only_the_past():
     cfg = LifelongConfig(min_ratings=10, max_history=40, sample_share=0.25, window=4,
                          long_window=12)
     h = lifelong_data.cut(history("u1", 60), cfg.max_history)
-    ctr_data.partition_user(h, partitioner.CloseRules(max_events=5, max_gap_s=10**9,
+    ctr_data.partition_user(h, ubsp.CloseRules(max_events=5, max_gap_s=10**9,
                                                       max_span_s=10**9))
     assert len(h.ts) == 40 and len(h.partitions) == 8
     s = lifelong_data.build_samples([h], catalog(30), cfg)

@@ -2,7 +2,7 @@
 same MovieLens-1M samples (tiny: 14 users, one seed, two epochs)."""
 from __future__ import annotations
 
-from liber.settings import Settings
+from core.settings import Settings
 from models import lifelong_eval
 from models.lifelong_data import LifelongConfig
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llm_workers.fusion_worker import float32_values
+from fusion.worker import float32_values
 from models.artifact import CtrScorer, InterestModel
 from models.ranker import ExampleRanker
 from state.interest_cache import InterestCache
 from streams.producer import BehaviorProducer
-from streams.records import InterestVector
-from streams.topics import USER_INTERESTS, create_topics
+from core.records import InterestVector
+from core.topics import USER_INTERESTS, create_topics
 from tests.uif_artifact import tiny_artifact
 
 pytestmark = pytest.mark.kafka

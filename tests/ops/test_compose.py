@@ -164,7 +164,7 @@ def test_liber_services_start_in_order_and_keep_state(compose, services):
 
 
 def test_liber_service_environments_are_valid_settings(services):
-    from liber.settings import Settings
+    from core.settings import Settings
     for name, svc in liber_image_services(services).items():
         env = environment(svc)
         settings = Settings.load(env=env)  # raises SettingsError naming a bad variable

@@ -9,7 +9,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from ops.lag import LagCollector, LagExporter, LagReader, pipeline_groups
-from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics
+from core.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics
 
 pytestmark = pytest.mark.kafka
 HOUR = 3600.0

@@ -9,7 +9,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from ops.local_kafka import LocalKafka, LocalKafkaCluster, free_port
-from streams.topics import create_topics
+from core.topics import create_topics
 from tests.conftest import base_settings
 
 pytestmark = pytest.mark.kafka

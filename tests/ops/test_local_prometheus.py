@@ -9,8 +9,8 @@ import pytest
 
 from ops.local_prometheus import LocalPrometheus
 from streams.producer import BehaviorProducer
-from streams.records import BehaviorEvent
-from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics
+from core.records import BehaviorEvent
+from core.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics
 
 pytestmark = pytest.mark.kafka
 T0 = 1_000_000_000.0

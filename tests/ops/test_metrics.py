@@ -18,9 +18,9 @@ DASHBOARDS = sorted((ROOT / "ops" / "grafana" / "dashboards").glob("*.json"))
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
 # The metric modules of the long-running processes (the stream worker imports ops.metrics, the
 # LLM worker also llm_workers.metrics and llm_workers.dare.metrics, the fusion worker
-# llm_workers.fusion_metrics).
+# fusion.metrics).
 METRIC_MODULES = ("ops.metrics", "ops.lag", "llm_workers.metrics", "llm_workers.dare.metrics",
-                  "llm_workers.fusion_metrics")
+                  "fusion.metrics")
 DECLARATION = re.compile(r'(?:Counter|Gauge|Histogram|Summary|MetricFamily|TopicCounts)\(\s*"(liber_\w+)"')
 
 

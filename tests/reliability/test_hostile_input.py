@@ -2,7 +2,7 @@
 rule, never a crash, and the invariants hold afterwards.
 
 The first 15 kinds of bad behaviour records are in tests/streams/test_worker_roundtrip.py
-(BAD_INPUT); these are further kinds, found by probing `streams.records.decode`.
+(BAD_INPUT); these are further kinds, found by probing `core.records.decode`.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import json
 import pytest
 
 from liber import invariants
-from streams.dead_letter import REASON
+from core.dead_letter import REASON
 from streams.producer import BehaviorProducer
-from streams.records import ClosedPartition, Item, PartitionEvent, Summary, decode
-from streams.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, SUMMARIES, create_topics, dlq
+from core.records import ClosedPartition, Item, PartitionEvent, Summary, decode
+from core.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, SUMMARIES, create_topics, dlq
 from tests.kafka_io import read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]

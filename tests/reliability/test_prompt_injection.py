@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from liber.settings import Settings
+from core.settings import Settings
 from llm_workers import backends, prompts
 from llm_workers.prompts import Activity
 

@@ -9,12 +9,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from liber import kafka_check
-from liber.settings import Settings
+from core.settings import Settings
 from ops import metrics
 from ops.local_kafka import LocalKafka, free_port
 from streams.producer import BehaviorProducer
-from streams.records import BehaviorEvent, ClosedPartition, decode
-from streams.topics import PARTITIONS_CLOSED, create_topics
+from core.records import BehaviorEvent, ClosedPartition, decode
+from core.topics import PARTITIONS_CLOSED, create_topics
 from tests.conftest import base_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.reliability]

@@ -8,8 +8,8 @@ import pytest
 
 from state.interest_cache import InterestCache
 from streams.producer import BehaviorProducer
-from streams.records import InterestVector
-from streams.topics import USER_INTERESTS, create_topics
+from core.records import InterestVector
+from core.topics import USER_INTERESTS, create_topics
 
 pytestmark = pytest.mark.kafka
 

@@ -9,12 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from streams import backfill, drift, movielens, partitioner
-from streams.dead_letter import REASON
+from streams import backfill, drift, movielens
+from streams import ubsp
+from core.dead_letter import REASON
 from streams.producer import BehaviorProducer
-from streams.records import ClosedPartition, PartitionEvent, decode
+from core.records import ClosedPartition, PartitionEvent, decode
 from streams.replay import movie_item, rating_event, select
-from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
+from core.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
 from tests.conftest import base_settings
 from tests.kafka_io import read_topic
 
@@ -23,7 +24,7 @@ USERS = 8
 
 # --- pure parts -----------------------------------------------------------------------------------
 def test_partition_value_is_exactly_the_record_encoding():
-    part = partitioner.Closed("u1", 3, [["e1", "i1", "rate", 10.0, 4.0],
+    part = ubsp.Closed("u1", 3, [["e1", "i1", "rate", 10.0, 4.0],
                                         ["e2", "i2", "click", 11.5, None]], "max_events")
     texts = {"i1": "Amélie (2001) [Comedy|Romance]"}
     text_of = lambda i: texts.get(i, f"item {i}")  # noqa: E731
@@ -66,7 +67,7 @@ def test_read_events_casts_integer_columns(tmp_path):
 
 
 def test_histories_are_sorted_per_user_and_duplicates_counted_once():
-    rules = partitioner.CloseRules(max_events=3, max_gap_s=50.0, max_span_s=1e9)
+    rules = ubsp.CloseRules(max_events=3, max_gap_s=50.0, max_span_s=1e9)
     rows = [row("b", ts=20), row("x1", user="u2", ts=5), row("a", ts=10), row("c", ts=20),
             row("a", ts=10), row("d", ts=200), row("x2", user="u2", ts=6),
             row("c", ts=999)]  # same id later: the file is one history, still a duplicate
@@ -121,12 +122,12 @@ def history(settings):
 
 def pure_run(settings, ratings) -> tuple[dict, dict]:
     """The partitioner alone over the whole history: closed {(user, seq): ids}, open caches."""
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     states, closed = {}, {}
     for rating in ratings:
         ev = rating_event("ml-100k", rating)
-        state = states.setdefault(ev.user_id, partitioner.new_state())
-        for part in partitioner.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
+        state = states.setdefault(ev.user_id, ubsp.new_state())
+        for part in ubsp.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
                                           ev.ts, ev.value, rules)[1]:
             closed[(part.user_id, part.seq)] = [e[0] for e in part.events]
     open_caches = {(u, s["seq"]): [e[0] for e in s["events"]] for u, s in states.items() if s["events"]}
@@ -284,12 +285,12 @@ def test_backfill_with_drift_then_stream(bf, start_worker):
         time.sleep(2)
     vectors = drift.ItemVectors(store, encoder=RefuseToEncode())
     rule = drift.DriftRule.from_settings(settings, vectors)
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     states, expected = {}, {}
     for rating in ratings:
         ev = rating_event("ml-100k", rating)
-        state = states.setdefault(ev.user_id, partitioner.new_state())
-        for part in partitioner.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
+        state = states.setdefault(ev.user_id, ubsp.new_state())
+        for part in ubsp.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
                                           ev.ts, ev.value, rules, drift=rule)[1]:
             expected[(part.user_id, part.seq)] = ([e[0] for e in part.events], part.reason)
     reasons = {reason for _, reason in expected.values()}

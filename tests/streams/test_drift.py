@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from liber.settings import Settings
-from streams import drift, movielens, partitioner
+from core.settings import Settings
+from streams import drift, movielens
+from streams import ubsp
 from streams.drift import (DIM, VALUE_BYTES, DriftRule, ItemVectors, decode_vector,
                            drift_distance, encode_vector, should_close_for_drift)
 from streams.replay import movie_item
@@ -159,15 +160,15 @@ def test_drift_rule_encodes_unseen_items_from_catalogue_text(movies):
 
 def test_drift_in_a_partition_stream(movies, vectors):
     """The rule in the proposed add_event order: a drift close happens before the new event."""
-    rules = partitioner.CloseRules(max_events=20, max_gap_s=1e9, max_span_s=1e9)
+    rules = ubsp.CloseRules(max_events=20, max_gap_s=1e9, max_span_s=1e9)
     rule = DriftRule(vectors, THRESHOLD, MIN_EVENTS)
     titles = ANIMATED + MORE_ANIMATED[:1] + HORROR + MORE_ANIMATED[1:]
-    state, closed = partitioner.new_state(), []
+    state, closed = ubsp.new_state(), []
     for n, title in enumerate(titles):
         item = movies[title].item_id
         if rule([e[1] for e in state["events"]], item):
-            closed.append(partitioner._close("u", state, "drift"))
-        closed += partitioner.add_event(state, "u", f"e{n}", item, "rate", float(n), 4.0, rules)[1]
+            closed.append(ubsp._close("u", state, "drift"))
+        closed += ubsp.add_event(state, "u", f"e{n}", item, "rate", float(n), 4.0, rules)[1]
     assert [(p.reason, [e[0] for e in p.events]) for p in closed] == [
         ("drift", [f"e{n}" for n in range(6)])]  # horror starts the next cache
     assert [e[0] for e in state["events"]] == [f"e{n}" for n in range(6, len(titles))]

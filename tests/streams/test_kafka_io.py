@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from streams.producer import BehaviorProducer
-from streams.topics import BEHAVIORS, create_topics
+from core.topics import BEHAVIORS, create_topics
 from tests.kafka_io import read_topic
 
 pytestmark = pytest.mark.kafka

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from liber.settings import Settings
+from core.settings import Settings
 from streams import movielens as ml
 from streams.movielens import (CHECKSUMS, DATASETS, STAMP, ChecksumError, dataset_dir, fetch,
                                load_items, load_ratings)

@@ -9,10 +9,10 @@ import pytest
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.errors import KafkaError
 
-from streams import dead_letter
+from core import dead_letter
 from streams.producer import BehaviorProducer
-from streams.records import BehaviorEvent, ClosedPartition, Item, decode
-from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
+from core.records import BehaviorEvent, ClosedPartition, Item, decode
+from core.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
 from tests.kafka_io import read_topic
 
 pytestmark = pytest.mark.kafka

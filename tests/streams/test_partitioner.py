@@ -1,4 +1,4 @@
-from streams.partitioner import ACCEPTED, DUPLICATE, LATE, CloseRules, add_event, new_state, sweep
+from streams.ubsp import ACCEPTED, DUPLICATE, LATE, CloseRules, add_event, new_state, sweep
 
 RULES = CloseRules(max_events=3, max_gap_s=100.0, max_span_s=1000.0, max_lateness_s=50.0,
                    dedup_window=4)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from streams.records import (MAX_ID_LEN, MAX_TEXT_LEN, BehaviorEvent, ClosedPartition,
+from core.records import (MAX_ID_LEN, MAX_TEXT_LEN, BehaviorEvent, ClosedPartition,
                              InterestVector, InvalidRecord, Item, PartitionEvent, Summary, decode)
 
 

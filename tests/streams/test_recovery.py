@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from streams import movielens, partitioner
-from streams.records import ClosedPartition, decode
+from streams import movielens
+from streams import ubsp
+from core.records import ClosedPartition, decode
 from streams.replay import rating_event, replay, select
-from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics
+from core.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics
 from tests.kafka_io import read_topic
 
 pytestmark = pytest.mark.kafka
@@ -19,14 +20,14 @@ USERS = 40
 def reference(settings) -> dict:
     """What one uninterrupted pass of the close rules gives: {(user, seq): event ids}, plus
     each user's last open cache at the next seq (a quiet-user sweep may close it)."""
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     ratings = select(movielens.load_ratings(movielens.dataset_dir(settings.home, "ml-100k"),
                                             "ml-100k"), users=USERS)
     states, out = {}, {}
     for rating in ratings:
         ev = rating_event("ml-100k", rating)
-        state = states.setdefault(ev.user_id, partitioner.new_state())
-        _, closed = partitioner.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
+        state = states.setdefault(ev.user_id, ubsp.new_state())
+        _, closed = ubsp.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
                                           ev.ts, ev.value, rules)
         for part in closed:
             out[(part.user_id, part.seq)] = [e[0] for e in part.events]

@@ -3,10 +3,10 @@ population (the soak's)."""
 import pytest
 
 from streams import movielens
-from streams.partitioner import ACCEPTED, CloseRules, add_event, new_state
-from streams.records import BehaviorEvent, Item, decode
+from streams.ubsp import ACCEPTED, CloseRules, add_event, new_state
+from core.records import BehaviorEvent, Item, decode
 from streams.replay import in_laps, rating_event, replay, select
-from streams.topics import BEHAVIORS, ITEMS, create_topics
+from core.topics import BEHAVIORS, ITEMS, create_topics
 from tests.conftest import base_settings
 from tests.kafka_io import read_topic
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from streams.dead_letter import ORIGINAL_SHA256, REASON, SOURCE_TOPIC
+from core.dead_letter import ORIGINAL_SHA256, REASON, SOURCE_TOPIC
 from streams.producer import BehaviorProducer
-from streams.records import BehaviorEvent, ClosedPartition, Item, decode
-from streams.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
+from core.records import BehaviorEvent, ClosedPartition, Item, decode
+from core.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
 from tests.kafka_io import read_topic
 
 pytestmark = pytest.mark.kafka

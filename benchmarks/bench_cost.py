@@ -3,7 +3,7 @@
 How the numbers are made (also printed in the JSON's `method`):
 
 1. Partitions: the first `users` users of the MovieLens replay (streams.replay.select), their
-   ratings in time order through the real UBSP logic (streams.partitioner.add_event with the
+   ratings in time order through the real UBSP logic (streams.ubsp.add_event with the
    close rules of the settings). Partitions still open at the end are not summarised by either
    mode (`open_events`).
 2. Prompts: the real templates (llm_workers.prompts) on the item text the stream worker joins in
@@ -32,10 +32,11 @@ from __future__ import annotations
 import time
 from statistics import mean
 
-from liber.settings import Settings
+from core.settings import Settings
 from llm_workers import backends, prompts
 from llm_workers.prompts import Activity
-from streams import movielens, partitioner, replay
+from streams import movielens, replay
+from streams import ubsp
 
 CHUNK = 128
 
@@ -44,12 +45,12 @@ def _partitions(settings: Settings, dataset: str, users: int, log):
     data_dir = movielens.fetch(settings.home, datasets=(dataset,), log=lambda m: None)[dataset]
     ratings = replay.select(movielens.load_ratings(data_dir, dataset), users=users)
     text = {m.item_id: replay.movie_item(m).text() for m in movielens.load_items(data_dir, dataset)}
-    rules = partitioner.CloseRules.from_settings(settings)
+    rules = ubsp.CloseRules.from_settings(settings)
     states: dict[str, dict] = {}
     parts: dict[str, list[list[Activity]]] = {}
     for r in ratings:
-        state = states.setdefault(r.user_id, partitioner.new_state())
-        _, closed = partitioner.add_event(state, r.user_id, f"{dataset}:{r.line}", r.item_id, "rate",
+        state = states.setdefault(r.user_id, ubsp.new_state())
+        _, closed = ubsp.add_event(state, r.user_id, f"{dataset}:{r.line}", r.item_id, "rate",
                                           float(r.ts), r.rating, rules)
         for part in closed:
             parts.setdefault(part.user_id, []).append(

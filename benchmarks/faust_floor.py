@@ -3,7 +3,7 @@ the same `batches()` and acks) and does nothing else. `liber bench stream` runs 
 run as the real worker, so the gap between the two is what our processing costs, and the gap
 between this and the bare consumer is what Faust's per-event path costs.
 
-    python -m streams.faust_floor TOTAL OUT.json      (settings from LIBER_* variables)
+    python -m benchmarks.faust_floor TOTAL OUT.json      (settings from LIBER_* variables)
 
 writes one JSON object: events, seconds (first event to last), cpu_s (this process).
 """
@@ -14,8 +14,8 @@ import os
 import sys
 import time
 
-from liber.settings import Settings
-from streams.topics import BEHAVIORS
+from core.settings import Settings
+from core.topics import BEHAVIORS
 
 
 def run(settings: Settings, total: int, out: str) -> None:

@@ -1,7 +1,7 @@
 """`liber bench dare`: DARE against plain greedy decoding on cascaded UIL prompts (MovieLens-1M).
 
 Steps, all in one process on one device:
- 1. ML-1M ratings of a seeded sample of users are cut into UBSP partitions (streams.partitioner);
+ 1. ML-1M ratings of a seeded sample of users are cut into UBSP partitions (streams.ubsp);
     users are clustered by k-means over genre histograms of their items (all users).
  2. Warm-up: the earlier partitions (first partitions of the measured users, first and second
     partitions of other users) are summarised in stream order with DARE-strict (its output is
@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from liber import machine
+from core import machine
 
 METHODS = {  # name: (mode, pools: "routed" | "global" | None)
     "plain": ("plain", None),
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm", default="",
                    help="also run vLLM rows, one engine per child process: 'all' or a comma list "
                         "from vllm_plain, vllm_dare_strict, vllm_dare_relaxed, vllm_ngram, "
-                        "vllm_suffix (vllm_plain is added; see llm_workers/dare/vllm_bench.py)")
+                        "vllm_suffix (vllm_plain is added; see benchmarks/bench_dare_vllm.py)")
     p.add_argument("--vllm-timeout", type=float, default=1800, help="seconds per vLLM row")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--verbose", action="store_true", help="progress lines on stderr")
@@ -102,7 +102,7 @@ def _log(args, msg: str) -> None:
 
 # --- data ----------------------------------------------------------------------------------
 def _partitions(ratings, users: set, max_events: int):
-    from streams.partitioner import CloseRules, add_event, new_state
+    from streams.ubsp import CloseRules, add_event, new_state
     rules = CloseRules(max_events=max_events)
     states: dict[str, dict] = {}
     closed = []
@@ -324,7 +324,7 @@ def _vllm_rows(args, settings, store, requests, eos, vocab, results, draft_len, 
                min_prob, threads) -> dict:
     """vLLM's rows, measured after ours in the same run on the same prompts (vllm_bench.py)."""
     import subprocess
-    from llm_workers.dare import vllm_bench
+    from benchmarks import bench_dare_vllm as vllm_bench
     from llm_workers.dare.pools import PoolStore
     from llm_workers.dare.vllm_proposer import VOCAB_META
     wanted = list(vllm_bench.METHODS) if args.vllm == "all" else \
@@ -364,7 +364,7 @@ def _vllm_rows(args, settings, store, requests, eos, vocab, results, draft_len, 
             env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
             if threads:   # the same thread count as our rows (see THREADS_NOTE): oneDNN's
                 env.setdefault("OMP_NUM_THREADS", str(threads))   # OpenMP otherwise takes all
-            proc = subprocess.run([sys.executable, "-m", "llm_workers.dare.vllm_bench",
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_dare_vllm",
                                    str(job_path), str(out_path)], capture_output=True, text=True,
                                   timeout=args.vllm_timeout, env=env)
             if proc.returncode != 0 or not out_path.exists():
@@ -544,9 +544,9 @@ def _report(args, results, methods, stats, requests, device, model, torch) -> di
 
 def _settings():
     """The project's Settings; on a bare machine without Python 3.11's tomllib, the DARE
-    defaults (kept equal to liber/settings.py's by test_dare_bench) and LIBER_HOME."""
+    defaults (kept equal to core/settings.py's by test_dare_bench) and LIBER_HOME."""
     try:
-        from liber.settings import Settings
+        from core.settings import Settings
     except ImportError:
         from types import SimpleNamespace
         home = os.environ.get("LIBER_HOME") or os.path.join(
@@ -583,7 +583,7 @@ def _load_model(args, settings, device):
 
 
 def main(argv=None, settings=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_workers.dare.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON only (the default here)")

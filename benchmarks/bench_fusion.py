@@ -14,12 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from liber import machine
-from liber.settings import Settings
+from core import machine
+from core.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from streams.producer import BehaviorProducer
-from streams.records import InterestVector, Summary, decode
-from streams.topics import SUMMARIES, USER_INTERESTS, create_topics
+from core.records import InterestVector, Summary, decode
+from core.topics import SUMMARIES, USER_INTERESTS, create_topics
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -42,7 +42,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run(settings: Settings, *, users: int = 300, depth: int = 3, seed: int = 0,
         log=print) -> dict:
-    from llm_workers.fusion_worker import FusionWorker
+    from fusion.worker import FusionWorker
     from models.artifact import ArtifactError, InterestModel, default_artifact_dir, resolve
     workdir = Path(tempfile.mkdtemp(prefix="liber-bench-fusion-"))
     broker = LocalKafka(settings.home, workdir / "kafka", port=free_port())
@@ -51,7 +51,7 @@ def run(settings: Settings, *, users: int = 300, depth: int = 3, seed: int = 0,
             artifact = resolve(settings.fusion_model_dir or default_artifact_dir(settings))
             kind = "configured"
         except ArtifactError:
-            from models.artifact import train_tiny_artifact
+            from models.training import train_tiny_artifact
             log("no trained artifact: training a tiny one (the model's size is what matters)")
             artifact, kind = train_tiny_artifact(settings, workdir / "uif"), "tiny"
         model = InterestModel.load(artifact)

@@ -6,7 +6,7 @@ One process, one thread, kafka-python like the LLM worker:
   both topics are keyed by user id with equal partition counts, so one worker holds all of a
   user's records); a second, groupless consumer follows the compacted `collective-summaries`.
 - per user, RocksDB keeps the latest K partition summaries and the cascaded summary
-  (llm_workers/fusion_state.py); each micro-batch (up to `fusion_batch_size` records) applies
+  (fusion/state.py); each micro-batch (up to `fusion_batch_size` records) applies
   what is new and encodes every changed user in one call of the trained InterestModel
   (text encoder + attention fusion + hybrid-expert adaptor, models/artifact.py).
 - output: `InterestVector` records on the compacted `user-interests` topic, version = seq.
@@ -40,17 +40,17 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
-from liber import logs
-from liber.settings import Settings
+from core import logs
+from core.settings import Settings
 from llm_workers import collective
-from llm_workers import fusion_metrics as metrics
-from llm_workers.fusion_state import Changes, FusionStore, new_user
+from fusion import metrics
+from fusion.state import Changes, FusionStore, new_user
 from llm_workers.prompts import Activity
 from llm_workers.service import Outbox, RebalanceForwarder
 from ops import metrics as ops_metrics
-from streams.records import (ClosedPartition, CollectiveSummary, InterestVector, InvalidRecord,
+from core.records import (ClosedPartition, CollectiveSummary, InterestVector, InvalidRecord,
                              Summary, decode)
-from streams.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
+from core.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
                             dlq)
 
 log = logging.getLogger("liber.fusion")
@@ -452,7 +452,7 @@ def load_model(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    from streams.topics import create_topics
+    from core.topics import create_topics
     logs.started(log, "fusion-worker", settings)
     model = load_model(settings)  # a missing artifact fails before touching Kafka
     create_topics(settings, log=log.info)

@@ -7,7 +7,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from liber.settings import Settings
+from core.settings import Settings
 
 BEHAVIORS = "behaviors"
 ITEMS = "items"

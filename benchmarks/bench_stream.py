@@ -3,7 +3,7 @@
 Starts its own local broker, replays a MovieLens dataset into `behaviors`, then
 1. reads the whole topic with a bare aiokafka consumer (the client Faust uses), no processing:
    the ceiling on this machine;
-2. runs a Faust agent that only batches and acks (streams/faust_floor.py): what Faust's
+2. runs a Faust agent that only batches and acks (benchmarks/faust_floor.py): what Faust's
    per-event path costs before any processing;
 3. runs `liber worker` as a separate process from an empty state and times it from its first
    to its last event (read from its Prometheus metrics), with its peak RSS and CPU seconds.
@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from liber import machine
-from liber.settings import Settings
+from core import machine
+from core.settings import Settings
 from ops.local_kafka import LocalKafka, Scratch, free_port, popen_bound, run_bound
 from ops.metrics import scrape
 from streams.replay import replay
-from streams.topics import BEHAVIORS, create_topics
+from core.topics import BEHAVIORS, create_topics
 
 
 async def _bare_consume(settings: Settings, total: int) -> float:
@@ -59,7 +59,7 @@ def _cpu_s(pid: int) -> float:
 
 def _faust_floor(settings: Settings, total: int, out: Path, timeout: float) -> dict:
     env = {**os.environ, **settings.replace(app_id="liber-bench-floor").to_env()}
-    proc = run_bound([sys.executable, "-m", "streams.faust_floor", str(total), str(out)],
+    proc = run_bound([sys.executable, "-m", "benchmarks.faust_floor", str(total), str(out)],
                      env=env, capture_output=True, text=True, timeout=timeout)
     if not out.exists():
         raise RuntimeError(f"faust floor failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")

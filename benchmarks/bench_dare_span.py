@@ -1,4 +1,4 @@
-"""`python -m llm_workers.dare.bench_span`: what one verification pass costs per draft length.
+"""`python -m benchmarks.bench_dare_span`: what one verification pass costs per draft length.
 
 DARE pays off when a forward pass over 1 + k new tokens costs little more than a pass over 1.
 This times one pass of the LLM backend's model over `span` new tokens after a cached prompt of
@@ -43,7 +43,7 @@ def measure(model, spans, context: int, repeats: int) -> dict[int, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llm_workers.dare.bench_span", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dare_span", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--spans", default="1,2,4,8,16")
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from liber import machine
-    from liber.settings import Settings
+    from core import machine
+    from core.settings import Settings
     from llm_workers import model_store
     settings = Settings.load()
     if settings.llm_threads:

@@ -1,4 +1,4 @@
-"""`python -m llm_workers.dare.bench_backend`: what LIBER_LLM_DARE=1 buys the LLM worker.
+"""`python -m benchmarks.bench_dare_backend`: what LIBER_LLM_DARE=1 buys the LLM worker.
 
 The worker's own transformers backend three times (plain; DARE strict; DARE relaxed), on the
 worker's own prompts (`prompts.cascade_prompt`) over MovieLens-1M partitions, with the worker's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llm_workers.dare.bench_backend",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dare_backend",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=8, help="measured partitions (one per user)")
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
 
 
 def run(args) -> dict:
-    from liber.settings import Settings
+    from core.settings import Settings
     from llm_workers import backends, prompts
-    from llm_workers.dare.bench import _partitions, _plan
+    from benchmarks.bench_dare import _partitions, _plan
     from llm_workers.prompts import Activity
     from streams import movielens
     from streams.replay import movie_item

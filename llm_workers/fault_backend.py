@@ -1,6 +1,6 @@
 """An LLM backend for fault drills: wraps the real one and injects errors, timeouts, slowness.
 
-Select it with `LIBER_LLM_BACKEND=liber.fault_backend:create` (or the registered name `faulty`
+Select it with `LIBER_LLM_BACKEND=llm_workers.fault_backend:create` (or the registered name `faulty`
 in a process that imported this module). What it injects comes from the environment, so a
 drill can start an unmodified `liber llm-worker`:
 
@@ -81,7 +81,7 @@ def _env_number(name: str, kind, default):
 
 def create(settings) -> Backend:
     inner_name = os.environ.get("LIBER_FAULT_INNER", "transformers")
-    if inner_name in ("faulty", "liber.fault_backend:create"):
+    if inner_name in ("faulty", "llm_workers.fault_backend:create"):
         raise backends.BackendError("LIBER_FAULT_INNER must name another backend")
     inner = backends.create(settings.replace(llm_backend=inner_name))
     return FaultyBackend(inner, error_every=_env_number("LIBER_FAULT_ERROR_EVERY", int, 0),
