@@ -51,10 +51,10 @@ def _partitions(settings: Settings, dataset: str, users: int, log):
     for r in ratings:
         state = states.setdefault(r.user_id, ubsp.new_state())
         _, closed = ubsp.add_event(state, r.user_id, f"{dataset}:{r.line}", r.item_id, "rate",
-                                          float(r.ts), r.rating, rules)
+                                   float(r.ts), r.rating, rules)
         for part in closed:
             parts.setdefault(part.user_id, []).append(
-                [Activity(text.get(e[1], f"item {e[1]}"), e[2], e[4]) for e in part.events])
+                [Activity(text.get(e.item_id, f"item {e.item_id}"), e.action, e.value) for e in part.events])
     open_events = sum(len(s["events"]) for s in states.values())
     log(f"{dataset}: {len(ratings)} events of {len(states)} users -> "
         f"{sum(map(len, parts.values()))} partitions ({open_events} events still open)")

@@ -199,10 +199,10 @@ def run(args, settings) -> dict:
     history: dict[str, list] = {}   # user -> genres of items seen so far (for the user vector)
 
     def request(part, previous):
-        items = [movies[e[1]] for e in part.events]
+        items = [movies[e.item_id] for e in part.events]
         history.setdefault(part.user_id, []).extend(m.genres for m in items)
         vec = group_histogram(history[part.user_id], vocab)
-        rows = [(m.title, m.genres, e[4]) for m, e in zip(items, part.events)]
+        rows = [(m.title, m.genres, e.value) for m, e in zip(items, part.events)]
         return (uil_prompts.prompt_ids(tokenizer, rows, previous),
                 router.pools(vec, [m.genres for m in items]))
 
@@ -544,7 +544,8 @@ def _report(args, results, methods, stats, requests, device, model, torch) -> di
 
 def _settings():
     """The project's Settings; on a bare machine without Python 3.11's tomllib, the DARE
-    defaults (kept equal to core/settings.py's by test_dare_bench) and LIBER_HOME."""
+    defaults (kept equal to core/settings.py's by tests/benchmarks/test_bench_dare.py) and
+    LIBER_HOME."""
     try:
         from core.settings import Settings
     except ImportError:

@@ -64,7 +64,7 @@ def run(args) -> dict:
                                        args.prompts, args.warm, args.seed)
 
     def prompt(part, previous):
-        acts = [Activity(movie_item(movies[e[1]]).text(), "rate", float(e[4]))
+        acts = [Activity(movie_item(movies[e.item_id]).text(), "rate", float(e.value))
                 for e in part.events]
         kind = prompts.CONTEXT_PREVIOUS if previous else prompts.CONTEXT_NONE
         return prompts.cascade_prompt(acts, context=previous, context_kind=kind)

@@ -41,7 +41,7 @@ def run_job(job: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from llm_workers.vllm_backend import spec_counts, spec_engine_kwargs
+    from llm_workers.backends.vllm import spec_counts, spec_engine_kwargs
     method = job["method"]
     kwargs = dict(model=job["model_dir"], dtype=job.get("dtype", "float32"),
                   max_model_len=job.get("max_model_len", 2048),

@@ -117,19 +117,7 @@ def run(settings: Settings, *, users: int = 300, depth: int = 3, seed: int = 0,
 
 
 def _read_vectors(settings: Settings) -> list[InterestVector]:
-    from kafka import KafkaConsumer, TopicPartition
-    name = settings.topic(USER_INTERESTS)
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False, **settings.kafka_client_options())
-    try:
-        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name))]
-        consumer.assign(tps)
-        consumer.seek_to_beginning()
-        ends = consumer.end_offsets(tps)
-        out = []
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            for recs in consumer.poll(timeout_ms=500).values():
-                out += [decode(InterestVector, r.value, key=r.key) for r in recs]
-        return out
-    finally:
-        consumer.close()
+    from core.kafka import iter_to_end
+    return [decode(InterestVector, r.value, key=r.key)
+            for r in iter_to_end(settings, settings.topic(USER_INTERESTS), timeout=None,
+                                 max_records=500)]

@@ -48,6 +48,8 @@ def configurations(settings) -> dict[str, tuple[dict, int, int]]:
         out["vllm_v2"] = ({**OLD_DEFAULT, "llm_backend": "vllm", "llm_dtype": fast.llm_dtype},
                           64, OLD_TOKENS)
         out["vllm_v3"] = ({**v3, "llm_backend": "vllm", "llm_dtype": fast.llm_dtype}, 64, 64)
+        out["vllm_v4"] = ({**v3, "llm_template": "uil-compact-v4", "llm_backend": "vllm",
+                           "llm_dtype": fast.llm_dtype}, 64, 64)
     return out
 
 

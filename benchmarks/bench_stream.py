@@ -33,10 +33,13 @@ from core.topics import BEHAVIORS, create_topics
 async def _bare_consume(settings: Settings, total: int) -> float:
     """Seconds for a bare consumer to read `total` records, first record to last."""
     from aiokafka import AIOKafkaConsumer
+
+    from core.kafka import aiokafka_security_options
     consumer = AIOKafkaConsumer(settings.topic(BEHAVIORS),
                                 bootstrap_servers=settings.bootstrap_servers,
                                 auto_offset_reset="earliest", enable_auto_commit=False,
-                                group_id=None, max_partition_fetch_bytes=4 * 1024 * 1024)
+                                group_id=None, max_partition_fetch_bytes=4 * 1024 * 1024,
+                                **aiokafka_security_options(settings))
     await consumer.start()
     try:
         seen, start = 0, None

@@ -21,7 +21,8 @@ from core.topics import BEHAVIORS
 def run(settings: Settings, total: int, out: str) -> None:
     import faust
 
-    from streams.app import ack_all, batches, consuming_options
+    from streams.app import consuming_options
+    from streams.faust_compat import ack_all, batches
 
     settings.state_path.mkdir(parents=True, exist_ok=True)
     app = faust.App(f"{settings.app_id}-floor", datadir=str(settings.state_path / "faust-floor"),

@@ -80,7 +80,8 @@ class Settings:
     llm_template: str = field(
         default="uil-compact-v3",
         metadata={"help": "prompt template: uil-compact-v3 (two short lines, static "
-                          "instructions first) or uil-kar-v2 (the earlier three-line one)"})
+                          "instructions first), uil-compact-v4 (v3 with bare titles: genres "
+                          "and years summed up) or uil-kar-v2 (the earlier three-line one)"})
     llm_no_repeat_ngram: int = field(
         default=3, metadata={"help": "ban an n-gram repeated inside one answer (tokens compared "
                                      "as a reader sees them; the prompt may be copied); 0 "
@@ -199,8 +200,8 @@ class Settings:
                      "llm_max_attempts", "llm_max_title_chars", "llm_max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        if self.llm_template not in ("uil-compact-v3", "uil-kar-v2"):
-            raise bad("llm_template", "must be uil-compact-v3 or uil-kar-v2")
+        if self.llm_template not in ("uil-compact-v3", "uil-compact-v4", "uil-kar-v2"):
+            raise bad("llm_template", "must be uil-compact-v3, uil-compact-v4 or uil-kar-v2")
         if self.llm_no_repeat_ngram < 0:
             raise bad("llm_no_repeat_ngram", "must be >= 0 (0 disables)")
         if self.llm_max_summary_chars < 80:
@@ -233,16 +234,6 @@ class Settings:
     def topic(self, name: str) -> str:
         """Full name of a logical topic (`behaviors`, `items`, ...), with the prefix."""
         return self.topic_prefix + name
-
-    def kafka_client_options(self) -> dict:
-        """Security options in kafka-python's spelling (empty for PLAINTEXT)."""
-        opts: dict[str, object] = {"security_protocol": self.security_protocol}
-        if self.security_protocol.startswith("SASL"):
-            opts.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
-                        sasl_plain_password=self.sasl_password)
-        if self.ssl_cafile:
-            opts["ssl_cafile"] = self.ssl_cafile
-        return opts
 
     def summary(self) -> dict:
         """All settings for a start-up log line, secrets masked."""

@@ -7,6 +7,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from core.kafka import make_admin
 from core.settings import Settings
 
 BEHAVIORS = "behaviors"
@@ -49,9 +50,7 @@ def _wait_for_leaders(admin: KafkaAdminClient, names: list[str], timeout: float 
 
 def create_topics(settings: Settings, names: list[str] | None = None, log=print) -> list[str]:
     """Create the logical topics (prefixed) that do not exist yet; returns the ones created."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
-                             client_id=f"{settings.app_id}-admin",
-                             **settings.kafka_client_options())
+    admin = make_admin(settings, client_id=f"{settings.app_id}-admin")
     try:
         existing = set(admin.list_topics())
         wanted = [n for n in (names or all_topics()) if settings.topic(n) not in existing]

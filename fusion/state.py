@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 from rocksdict import WriteBatch
 
-from llm_workers.state import SEP, RocksStore, _key
+from state.rocks import SEP, RocksStore, db_key
 
 
 def new_user() -> dict:
@@ -37,25 +37,25 @@ def new_user() -> dict:
 class FusionStore(RocksStore):
     # --- reads ------------------------------------------------------------------------------
     def vector_bytes(self, user_id: str) -> bytes | None:
-        return self._db.get(_key(b"v", user_id))
+        return self._db.get(db_key(b"v", user_id))
 
     def collective(self, cluster: str) -> dict | None:
-        return self._json(_key(b"c", cluster))
+        return self._json(db_key(b"c", cluster))
 
     def collective_vector(self, cluster: str) -> np.ndarray | None:
-        raw = self._db.get(_key(b"k", cluster))
+        raw = self._db.get(db_key(b"k", cluster))
         return None if raw is None else np.frombuffer(raw, dtype=np.float32)
 
     def members(self, cluster: str) -> Iterator[tuple[str, dict]]:
         """Cold members of a cluster (users with no own vector yet) and their first partition."""
-        prefix = _key(b"m", cluster) + SEP
+        prefix = db_key(b"m", cluster) + SEP
         for key, value in self._db.items(from_key=prefix):
             if not key.startswith(prefix):
                 break
             yield key[len(prefix):].decode("utf-8"), json.loads(value)
 
     def offset(self, topic: str, partition: int) -> int | None:
-        raw = self._db.get(_key(b"o", topic, str(partition)))
+        raw = self._db.get(db_key(b"o", topic, str(partition)))
         return None if raw is None else int(raw)
 
     # --- writes: everything of a micro-batch in one atomic batch ------------------------------
@@ -78,21 +78,21 @@ class Changes:
 
     def put_user(self, user_id: str, state: dict) -> None:
         self.users[user_id] = state
-        self.batch.put(_key(b"u", user_id), json.dumps(state).encode())
+        self.batch.put(db_key(b"u", user_id), json.dumps(state).encode())
 
     def put_vector(self, user_id: str, value: bytes) -> None:
-        self.batch.put(_key(b"v", user_id), value)
+        self.batch.put(db_key(b"v", user_id), value)
 
     def add_member(self, cluster: str, user_id: str, info: dict) -> None:
-        self.batch.put(_key(b"m", cluster, user_id), json.dumps(info).encode())
+        self.batch.put(db_key(b"m", cluster, user_id), json.dumps(info).encode())
 
     def drop_member(self, cluster: str, user_id: str) -> None:
-        self.batch.delete(_key(b"m", cluster, user_id))
+        self.batch.delete(db_key(b"m", cluster, user_id))
 
     def put_collective(self, cluster: str, summary: dict, vector: np.ndarray) -> None:
-        self.batch.put(_key(b"c", cluster), json.dumps(summary).encode())
-        self.batch.put(_key(b"k", cluster), np.asarray(vector, dtype=np.float32).tobytes())
+        self.batch.put(db_key(b"c", cluster), json.dumps(summary).encode())
+        self.batch.put(db_key(b"k", cluster), np.asarray(vector, dtype=np.float32).tobytes())
         self.collective[cluster] = vector
 
     def put_offset(self, topic: str, partition: int, next_offset: int) -> None:
-        self.batch.put(_key(b"o", topic, str(partition)), str(next_offset).encode())
+        self.batch.put(db_key(b"o", topic, str(partition)), str(next_offset).encode())

@@ -14,11 +14,11 @@ One process, one thread, kafka-python like the LLM worker:
 Ordering and idempotence: a summary with a seq at or below the user's newest is not applied
 again, so versions per user only grow; a redelivered seq equal to the last one we published
 republishes the stored bytes (the batch may have crashed before its vector left), anything
-older republishes nothing. Per batch: state written (one WriteBatch) -> vectors produced and
-flushed -> input offsets committed.
+older republishes nothing. Per batch, the checkpoint protocol (state/checkpoint.py): state
+written (one WriteBatch) -> vectors produced and made durable -> input offsets committed.
 
-Cold users: a user's first closed partition fixes their cluster (the LLM worker's genre
-signature, llm_workers/collective.py). Until their own first summary arrives they get the
+Cold users: a user's first closed partition fixes their cluster (the genre signature the LLM
+worker uses too, core/clusters.py). Until their own first summary arrives they get the
 vector of the cluster's collective summary, `collective=true`, version -1, as soon as both are
 known. Bad summaries go to `summaries.dlq` with the reason; bad partitions are left to the LLM
 worker, which dead-letters them (counted here only).
@@ -30,28 +30,27 @@ produced: the previous owner published those vectors).
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections import defaultdict
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka.partitioner.default import murmur2
-from kafka.structs import OffsetAndMetadata
 
 from core import logs
+from core.activity import Activity
+from core.clusters import cluster_of
+from core.kafka import key_partition, make_consumer, make_producer
+from core.records import (ClosedPartition, CollectiveSummary, InterestVector, InvalidRecord,
+                          Summary, decode)
 from core.settings import Settings
-from llm_workers import collective
+from core.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
+                         dlq)
 from fusion import metrics
 from fusion.state import Changes, FusionStore, new_user
-from llm_workers.prompts import Activity
-from llm_workers.service import Outbox, RebalanceForwarder
 from ops import metrics as ops_metrics
-from core.records import (ClosedPartition, CollectiveSummary, InterestVector, InvalidRecord,
-                             Summary, decode)
-from core.topics import (COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, USER_INTERESTS,
-                            dlq)
+from state.checkpoint import Checkpoint, Outbox
+from state.worker import Worker
 
 log = logging.getLogger("liber.fusion")
 COLLECTIVE_VERSION = -1  # below every own version (seq >= 0)
@@ -64,38 +63,39 @@ def float32_values(vector: np.ndarray) -> tuple[float, ...]:
     return tuple(float(str(v)) for v in np.asarray(vector, dtype=np.float32))
 
 
-class FusionWorker:
+class FusionWorker(Worker):
+    name = "fusion worker"
+
     def __init__(self, settings: Settings, model):
+        super().__init__(logger=log, rebalances=ops_metrics.REBALANCES)
         self.s, self.model = settings, model
         self.k = int(getattr(model, "k", 4))
         self.store = FusionStore(settings.state_path / "fusion-worker")
         self.topics = {settings.topic(t): t for t in (SUMMARIES, PARTITIONS_CLOSED)}
         self.topic_out = settings.topic(USER_INTERESTS)
         self.topic_dlq = settings.topic(dlq(SUMMARIES))
-        self.stopping = False
-        self._to_restore: set = set()
-        kafka = dict(bootstrap_servers=settings.bootstrap_servers, **settings.kafka_client_options())
         # Not idempotent: kafka-python's idempotent producer takes any refused record (too
         # large for a topic) as fatal and fails every later send. One request in flight keeps
         # the order; a retry may duplicate a record, which every reader of ours tolerates.
-        self.producer = KafkaProducer(client_id=f"{settings.app_id}-fusion", acks="all",
+        self.producer = make_producer(settings, client_id=f"{settings.app_id}-fusion", acks="all",
                                       enable_idempotence=False,
                                       max_in_flight_requests_per_connection=1, linger_ms=5,
-                                      retries=10, **kafka)
+                                      retries=10)
         self.outbox = Outbox(self.producer, self.topic_dlq, metrics.SEND_FAILURES, logger=log,
                              prefix=settings.topic_prefix)
-        self.consumer = KafkaConsumer(
-            client_id=f"{settings.app_id}-fusion", group_id=f"{settings.app_id}-fusion",
+        self.consumer = make_consumer(
+            settings, client_id=f"{settings.app_id}-fusion", group_id=f"{settings.app_id}-fusion",
             enable_auto_commit=False, auto_offset_reset="earliest",
             partition_assignment_strategy=[RangePartitionAssignor],
-            max_poll_records=settings.fusion_batch_size, **kafka)
-        self.consumer.subscribe(list(self.topics), listener=RebalanceForwarder(self))
+            max_poll_records=settings.fusion_batch_size)
+        self.checkpoint = Checkpoint(self.consumer, self.outbox)
+        self.subscribe(list(self.topics))
         self._n_partitions = len(self.consumer.partitions_for_topic(
             settings.topic(PARTITIONS_CLOSED)) or ()) or settings.topic_partitions
         # Every worker needs every cluster's collective summary: read the compacted topic whole.
-        self.collective_consumer = KafkaConsumer(
-            client_id=f"{settings.app_id}-fusion-collective", enable_auto_commit=False,
-            max_poll_records=settings.fusion_batch_size, **kafka)
+        self.collective_consumer = make_consumer(
+            settings, client_id=f"{settings.app_id}-fusion-collective", enable_auto_commit=False,
+            max_poll_records=settings.fusion_batch_size)
         self._collective_checked = 0.0
         if not self._follow_collective():
             log.warning("topic %s missing: no collective vectors for cold users until it is "
@@ -115,33 +115,15 @@ class FusionWorker:
         return True
 
     # --- main loop -------------------------------------------------------------------------------
-    def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+    def announce(self) -> None:
         log.info("fusion worker: model %s (dim %d, k %d), batch %d", self.model.version,
                  self.model.dim, self.k, self.s.fusion_batch_size)
-        try:
-            while not self.stopping:
-                self.step()
-        finally:
-            self.shutdown()
 
-    def _on_signal(self, signum, frame) -> None:
-        self.stopping = True
-
-    def shutdown(self) -> None:
-        self.consumer.close(autocommit=False)
+    def release(self) -> None:
         self.collective_consumer.close()
-        self.producer.close(timeout=10)
-        self.store.close()
-        log.info("fusion worker stopped")
 
     def step(self, poll_ms: int = 300) -> None:
-        polled = self.consumer.poll(timeout_ms=poll_ms)
-        if self._to_restore:
-            assigned, self._to_restore = self._to_restore, set()
-            self.restore(assigned & self.consumer.assignment())
-            polled = {tp: recs for tp, recs in polled.items() if tp not in assigned}
+        polled = self.poll(poll_ms)  # restores newly assigned partitions first
         collective_records = []
         if not self.collective_consumer.assignment() and \
                 time.monotonic() - self._collective_checked >= COLLECTIVE_RECHECK_S:
@@ -168,13 +150,12 @@ class FusionWorker:
             self._apply_collective(collective_records, changes, out, publish)
         self._apply_summaries(summaries, changes, out, publish)
         self._apply_partitions(partitions, changes, out, publish)
-        self.store.write(changes)  # state before output, output before commit
+        self.store.write(changes)  # step 1: state before output, output before commit
         if not publish:
             return
-        self._produce(out)
-        offsets = {tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1) for tp, recs in polled.items()}
-        if offsets:
-            self.consumer.commit(offsets)
+        self._produce(out)  # steps 2 and 3
+        # step 4: every record of the batch is finished, so each partition commits past its last
+        self.checkpoint.commit({tp: recs[-1].offset + 1 for tp, recs in polled.items()})
 
     def _user(self, changes: Changes, user_id: str) -> dict | None:
         state = changes.users.get(user_id)
@@ -281,8 +262,7 @@ class FusionWorker:
                 else:
                     metrics.SKIPPED.labels(reason="known").inc()
                 continue
-            cluster = collective.cluster_of([Activity(e.text, e.action, e.value)
-                                             for e in part.events])
+            cluster = cluster_of([Activity(e.text, e.action, e.value) for e in part.events])
             closed_at = max(0, rec.timestamp or 0) / 1000
             state = {**new_user(), "cluster": cluster, "first_seq": part.seq}
             vector = self._collective_vector(changes, cluster)
@@ -357,18 +337,19 @@ class FusionWorker:
                      group.users)
 
     def _owns(self, user_id: str) -> bool:
-        partition = (murmur2(user_id.encode()) & 0x7FFFFFFF) % self._n_partitions
+        partition = key_partition(user_id.encode(), self._n_partitions)
         return TopicPartition(self.s.topic(PARTITIONS_CLOSED), partition) in \
             self.consumer.assignment()
 
     # --- output ----------------------------------------------------------------------------------
     def _produce(self, out: list) -> None:
-        """Vectors and the batch's dead letters, every send checked before the commit: a failed
-        one is retried, dead-lettered or reported (Outbox), never a crash that replays it."""
+        """Vectors and the batch's dead letters, every send made durable before the commit: a
+        failed one is retried, dead-lettered or reported (Outbox), never a crash that replays
+        it."""
         for user, value, kind, closed_at, produced_at, source in out:
             self.outbox.send(self.topic_out, user.encode(), value, source=source,
                              info=(kind, closed_at, produced_at))
-        for sent, _ in self.outbox.settle():
+        for sent, _ in self.checkpoint.make_durable():
             if sent.topic != self.topic_out:
                 continue
             kind, closed_at, produced_at = sent.info
@@ -390,22 +371,22 @@ class FusionWorker:
 
     # --- rebalances ----------------------------------------------------------------------------
     def on_revoked(self, revoked: set) -> None:
-        self._to_restore -= revoked  # every batch commits before the next poll: nothing pending
+        super().on_revoked(revoked)  # every batch commits before the next poll: nothing pending
+        self.checkpoint.forget(revoked)
 
-    def on_assigned(self, assigned: set) -> None:
-        ops_metrics.REBALANCES.inc()
-        logs.event(log, "rebalance", phase="assigned",
-                   assigned=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
-        self._to_restore |= set(assigned)
+    def restore_assigned(self, assigned: set) -> set:
+        """Restore the newly assigned partitions still ours; the records polled meanwhile of
+        every one of them are dropped."""
+        self.restore(assigned & self.consumer.assignment())
+        return assigned
 
     def restore(self, assigned: set) -> None:
         """Replay each newly assigned partition from our applied offset to the group's committed
         one (state only), then continue from the committed offset."""
         if not assigned:
             return
-        kafka = dict(bootstrap_servers=self.s.bootstrap_servers, **self.s.kafka_client_options())
-        reader = KafkaConsumer(client_id=f"{self.s.app_id}-fusion-restore",
-                               enable_auto_commit=False, **kafka)
+        reader = make_consumer(self.s, client_id=f"{self.s.app_id}-fusion-restore",
+                               enable_auto_commit=False)
         try:
             starts = reader.beginning_offsets(list(assigned))
             for tp in sorted(assigned):

@@ -42,11 +42,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from liber import invariants
 from core import machine
+from core.kafka import make_admin, make_consumer
 from core.settings import Settings
 from ops.local_kafka import LocalKafka, LocalKafkaCluster, Scratch, free_port, popen_bound
 from ops.metrics import scrape
@@ -58,7 +59,7 @@ from core.topics import BEHAVIORS, PARTITIONS_CLOSED, SUMMARIES, create_topics
 FAULTS = ("kill_stream_worker", "kill_llm_worker", "broker_restart", "llm_errors", "slow_llm")
 CLUSTER_FAULTS = ("broker_kill", "controller_kill", "rolling_restart",
                   "stream_worker_kill_broker_down")
-FAULT_BACKEND = "llm_workers.fault_backend:create"
+FAULT_BACKEND = "llm_workers.backends.fault:create"
 
 
 _LIVE: list["Proc"] = []  # every worker started, stopped in the end whatever happened
@@ -173,11 +174,8 @@ def group_lag(settings: Settings, group: str, topic: str) -> int | None:
     """End offset minus committed offset, summed over the topic's partitions (None: the broker
     does not answer)."""
     try:
-        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
-                                 request_timeout_ms=5000, **settings.kafka_client_options())
-        consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                                 request_timeout_ms=5000, enable_auto_commit=False,
-                                 **settings.kafka_client_options())
+        admin = make_admin(settings, request_timeout_ms=5000)
+        consumer = make_consumer(settings, request_timeout_ms=5000, enable_auto_commit=False)
         try:
             committed = _group_offsets(admin, group)
             parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -191,7 +189,7 @@ def group_lag(settings: Settings, group: str, topic: str) -> int | None:
                for tp, end in ends.items())
 
 
-def _group_offsets(admin: KafkaAdminClient, group: str) -> dict:
+def _group_offsets(admin, group: str) -> dict:
     """{TopicPartition: OffsetAndMetadata} of a group (kafka-python 2 and 3 spell it apart)."""
     if hasattr(admin, "list_group_offsets"):  # kafka-python 3: {group: {tp: offset}}
         return admin.list_group_offsets(group).get(group, {})
@@ -420,9 +418,14 @@ def inject(fault: str, pipe: Pipeline, broker: LocalKafka, total: int, log) -> d
 
 
 # --- cluster faults ----------------------------------------------------------------------------
+def _cluster_admin(cluster: LocalKafkaCluster, **options):
+    """An admin client of the local cluster itself (plaintext, whatever the run's settings)."""
+    return make_admin(Settings(bootstrap_servers=cluster.bootstrap), **options)
+
+
 def run_topics(settings: Settings, cluster: LocalKafkaCluster) -> list[str]:
     """The run's topics: its prefixed ones and Faust's changelogs (named after the app id)."""
-    admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=10000)
+    admin = _cluster_admin(cluster, request_timeout_ms=10000)
     try:
         return sorted(t for t in admin.list_topics()
                       if t.startswith(settings.topic_prefix) or t.startswith(settings.app_id))
@@ -436,7 +439,7 @@ def replication_of(settings: Settings, cluster: LocalKafkaCluster) -> dict:
     from kafka.admin import ConfigResource, ConfigResourceType
     topics = run_topics(settings, cluster) + ["__consumer_offsets"]
     factors = {p["topic"]: len(p["replicas"]) for p in cluster.partitions(topics)}
-    admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=10000)
+    admin = _cluster_admin(cluster, request_timeout_ms=10000)
     try:
         described = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, t, configs={"min.insync.replicas": None})
@@ -516,7 +519,7 @@ def inject_cluster(fault: str, pipe: Pipeline, cluster: LocalKafkaCluster, total
 
 def _group_stable(cluster: LocalKafkaCluster, group: str) -> bool:
     try:
-        admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, request_timeout_ms=5000)
+        admin = _cluster_admin(cluster, request_timeout_ms=5000)
         try:
             info = admin.describe_groups([group]).get(group, {})
         finally:

@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from core.kafka import iter_to_end
 from core.settings import Settings
 from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
@@ -123,24 +124,13 @@ def run_demo(settings: Settings, dataset: str = "ml-100k", users: int | None = 5
 
 def _read(settings: Settings, topic: str, record_type) -> dict[str, list]:
     """Every valid record of a topic, by user (deduplicated on (user_id, seq))."""
-    from kafka import KafkaConsumer, TopicPartition
-    name = settings.topic(topic)
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False, **settings.kafka_client_options())
-    parts = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
-    consumer.assign(parts)
-    consumer.seek_to_beginning()
-    end = consumer.end_offsets(parts)
     by_key: dict[tuple[str, int], object] = {}
-    while any(consumer.position(tp) < end[tp] for tp in parts):
-        for records in consumer.poll(timeout_ms=500).values():
-            for record in records:
-                try:
-                    rec = decode(record_type, record.value, key=record.key)
-                except InvalidRecord:
-                    continue
-                by_key[(rec.user_id, rec.seq)] = rec
-    consumer.close()
+    for record in iter_to_end(settings, settings.topic(topic), timeout=None, max_records=500):
+        try:
+            rec = decode(record_type, record.value, key=record.key)
+        except InvalidRecord:
+            continue
+        by_key[(rec.user_id, rec.seq)] = rec
     by_user: dict[str, list] = defaultdict(list)
     for (user, _), rec in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         by_user[user].append(rec)

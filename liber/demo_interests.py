@@ -60,6 +60,22 @@ def _wait_version(ranker: ExampleRanker, user: str, above: int | None, timeout: 
                        f"{timeout:.0f}s")
 
 
+def _newest_summary_seq(settings: Settings, user: str) -> int:
+    """The seq of the user's newest valid summary on `summaries` (0: none)."""
+    from core.kafka import iter_to_end
+    from core.records import InvalidRecord, Summary, decode
+    from core.topics import SUMMARIES
+    newest = 0
+    for record in iter_to_end(settings, settings.topic(SUMMARIES), timeout=None, max_records=500):
+        try:
+            summary = decode(Summary, record.value, key=record.key)
+        except InvalidRecord:
+            continue
+        if summary.user_id == user:
+            newest = max(newest, summary.seq)
+    return newest
+
+
 def _print(ranking, titles: dict, label: str) -> None:
     kind = "collective stand-in" if ranking.collective else "own vector"
     print(f"  {label} (interest vector version {ranking.version}, {kind}):")
@@ -92,11 +108,7 @@ def show_before_after(settings: Settings, dataset: str, users: list[str], per_us
     candidates = [i for i in popular if i not in seen][:CANDIDATES]
     ranker = ExampleRanker.open(settings, artifact, Path(settings.state_path) / "ranker-cache")
     try:
-        from liber.demo import _read  # the user's summaries: rank with the newest vector
-        from core.records import Summary
-        from core.topics import SUMMARIES
-        newest = max((s.seq for s in _read(settings, SUMMARIES, Summary).get(user, [])),
-                     default=0)
+        newest = _newest_summary_seq(settings, user)  # rank with the newest vector
         version = _wait_version(ranker, user, newest - 1, timeout=300)
         history, rates = [r.item_id for r in sent], [r.rating for r in sent]
         before = ranker.rank(user, history, candidates, history_ratings=rates, top=SHOW)

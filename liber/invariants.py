@@ -23,12 +23,10 @@ Read after the workers have drained (or stopped cleanly), everything up to each 
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
-from kafka import KafkaConsumer, TopicPartition
-
+from core.kafka import read_to_end
 from core.settings import Settings
 from core import dead_letter
 from core.records import (BehaviorEvent, ClosedPartition, InterestVector, InvalidRecord,
@@ -45,27 +43,8 @@ def state_changelog(settings: Settings) -> str:
 def read_all(settings: Settings, topic: str, timeout: float = 120.0) -> list:
     """Every record of `topic` (a full name) from the beginning up to its current end offsets.
     A topic that does not exist reads as empty."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False, isolation_level="read_committed",
-                             fetch_max_bytes=64 * 1024 * 1024,
-                             **settings.kafka_client_options())
-    try:
-        if topic not in consumer.topics():
-            return []
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        ends = consumer.end_offsets(partitions)
-        records: list = []
-        deadline = time.monotonic() + timeout
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}: not at its end after {timeout}s")
-            for batch in consumer.poll(timeout_ms=500, max_records=50_000).values():
-                records.extend(r for r in batch if r.offset < ends[TopicPartition(r.topic, r.partition)])
-        return records
-    finally:
-        consumer.close()
+    return read_to_end(settings, topic, timeout=timeout, isolation_level="read_committed",
+                       fetch_max_bytes=64 * 1024 * 1024)
 
 
 @dataclass
@@ -125,7 +104,7 @@ def open_caches(settings: Settings) -> dict[str, list[str]]:
             continue
         state = json.loads(value)
         if state.get("events"):
-            caches[key.decode()] = [e[0] for e in state["events"]]
+            caches[key.decode()] = [e[0] for e in state["events"]]  # rows as stored: JSON lists
     return caches
 
 

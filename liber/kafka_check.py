@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from core.kafka import aiokafka_security_options
 from core.settings import Settings
 
 
@@ -26,25 +27,13 @@ class _Reasons(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _ssl_context(settings: Settings):
-    if settings.security_protocol not in ("SSL", "SASL_SSL"):
-        return None
-    import ssl
-    return ssl.create_default_context(cafile=settings.ssl_cafile or None)
-
-
 def check(settings: Settings, timeout_s: float = 15.0) -> dict:
     """Connect and fetch cluster metadata; returns {brokers, security_protocol, user}."""
     from aiokafka import AIOKafkaClient
     from aiokafka.errors import KafkaError
 
     options = dict(bootstrap_servers=settings.bootstrap_servers,
-                   security_protocol=settings.security_protocol,
-                   ssl_context=_ssl_context(settings), request_timeout_ms=int(timeout_s * 1000))
-    if settings.security_protocol.startswith("SASL"):
-        options.update(sasl_mechanism=settings.sasl_mechanism,
-                       sasl_plain_username=settings.sasl_username,
-                       sasl_plain_password=settings.sasl_password)
+                   request_timeout_ms=int(timeout_s * 1000), **aiokafka_security_options(settings))
     reasons = _Reasons()
     logger = logging.getLogger("aiokafka")
     logger.addHandler(reasons)

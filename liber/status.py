@@ -115,14 +115,14 @@ class Close:
 
 def recent_closes(settings, n: int, timeout_s: float = 5.0) -> list[Close]:
     """The last `n` records of partitions.closed, newest first."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
+    from core.kafka import make_consumer
     from core.records import ClosedPartition, InvalidRecord, decode
     from core.topics import PARTITIONS_CLOSED
     name = settings.topic(PARTITIONS_CLOSED)
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-                             allow_auto_create_topics=False, client_id=f"{settings.app_id}-status",
-                             **settings.kafka_client_options())
+    consumer = make_consumer(settings, enable_auto_commit=False, allow_auto_create_topics=False,
+                             client_id=f"{settings.app_id}-status")
     try:
         tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
         if not tps or n <= 0:

@@ -3,11 +3,8 @@
 A user with no summary yet gets, as the context of their first prompt, the summary of people
 whose first partition looks like theirs, instead of nothing.
 
-Cluster = genre signature: the two most frequent genres among the items the user rated high
-(4-5, or all items when none is rated high) in their first partition, e.g. `Comedy|Drama`;
-ties break alphabetically; no genres -> `unknown`. It is a fixed quantisation of the user's
-item-genre histogram (MovieLens has 18 genres, so at most 171 clusters): deterministic, needs
-no training, the same on every worker, and readable on a dashboard.
+Cluster = the genre signature of the user's first partition (core/clusters.py, shared with the
+fusion worker, which serves the cluster's vector), e.g. `Comedy|Drama`.
 
 Each cluster keeps counts over the first partitions of its cold users (genres, titles rated high
 and low; the title tables are trimmed to the TOP most frequent). Once `min_users` users have
@@ -17,21 +14,12 @@ again after `min_users` more users have joined.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Sequence
 
-from llm_workers.prompts import Activity, ChatPrompt, collective_prompt, split_genres
+from core.activity import Activity, split_genres
+from llm_workers.prompts import ChatPrompt, collective_prompt
 
 TOP = 64
-
-
-def cluster_of(activities: Sequence[Activity]) -> str:
-    liked = [a for a in activities if a.value is None or a.value >= 4] or list(activities)
-    counts = Counter(g for a in liked for g in split_genres(a.text)[1])
-    if not counts:
-        return "unknown"
-    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:2]
-    return "|".join(sorted(g for g, _ in top))
 
 
 def new_state() -> dict:

@@ -30,11 +30,14 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from core.activity import Activity, split_genres
+
 # Versions of the wording; each goes into every `Summary` it writes, so a change is visible
 # downstream. v2 (KAR factors, three lines) stays runnable as the baseline of v3.
 KAR_V2 = "uil-kar-v2"          # v2: angle brackets in untrusted text neutralised
 COMPACT_V3 = "uil-compact-v3"  # v3: static instructions first, genre counts, two short lines
-TEMPLATES = (KAR_V2, COMPACT_V3)
+COMPACT_V4 = "uil-compact-v4"  # v4: v3 with items as bare titles (genres, years summed up)
+TEMPLATES = (KAR_V2, COMPACT_V3, COMPACT_V4)
 TEMPLATE_VERSION = COMPACT_V3  # the default
 
 SUMMARY, SHIFT, PROFILE = "SUMMARY", "SHIFT", "PROFILE"
@@ -92,11 +95,11 @@ _CONTEXT_HEADINGS = {
 }
 _NO_CONTEXT = "Previous profile: none, this person is new."
 
-# Genres are appended by the stream worker as `Title (1995) [Action|Crime]` (Item.text()).
 _LINE_WEIGHTS = {3: (0.3, 0.25, 0.45), 2: (0.4, 0.6)}
-_GENRES = re.compile(r"^(.*\S)\s*\[([^\[\]]*)\]\s*$", re.S)
 _WS = re.compile(r"\s+")
 _ANGLES = {"<": "\u2039", ">": "\u203a"}  # single angle quotation marks
+_YEAR = re.compile(r"^(.*\S)\s*\((\d{4})\)$")
+_TRAILING_ARTICLE = re.compile(r"^(.*), (The|A|An)$")  # MovieLens writes `Game, The`
 
 
 @dataclass(frozen=True)
@@ -133,14 +136,6 @@ class ChatPrompt:
         return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
-class Activity:
-    """One event as a prompt sees it (from `PartitionEvent`, or stored history)."""
-    text: str
-    action: str = "rate"
-    value: float | None = None
-
-
 # --- untrusted text -------------------------------------------------------------------------
 def clean_text(text: str, max_chars: int, *, quote: str | None = '"') -> str:
     """One line of plain text: no control/format/line-break characters, no `quote`, capped."""
@@ -163,17 +158,12 @@ def clean_text(text: str, max_chars: int, *, quote: str | None = '"') -> str:
     return flat
 
 
-def split_genres(text: str) -> tuple[str, tuple[str, ...]]:
-    """`Heat (1995) [Action|Crime]` -> ("Heat (1995)", ("Action", "Crime"))."""
-    match = _GENRES.match(text)
-    if not match:
-        return text, ()
-    genres = tuple(g.strip() for g in match.group(2).split("|") if g.strip())
-    return match.group(1), genres
-
-
-def item_line(activity: Activity, max_title_chars: int) -> str:
+def item_line(activity: Activity, max_title_chars: int, *, bare: bool = False) -> str:
+    """`"Heat (1995)" [Action|Crime]`; `bare`: `"Heat"` (v4: genres and years are summed up
+    in their own lines, which costs a third of the tokens of repeating them per item)."""
     title, genres = split_genres(activity.text)
+    if bare:
+        return f'"{clean_text(bare_title(title), max_title_chars)}"'
     line = f'"{clean_text(title, max_title_chars)}"'
     if genres:
         line += " [" + "|".join(clean_text(g, 40, quote=None).replace("|", "/")
@@ -181,11 +171,35 @@ def item_line(activity: Activity, max_title_chars: int) -> str:
     return line
 
 
-def _grouped(activities: Sequence[Activity], max_title_chars: int) -> list[str]:
+def bare_title(title: str) -> str:
+    """`Game, The (1997)` -> `The Game`: the title as people write it, without its year."""
+    match = _YEAR.match(title)
+    name = match.group(1) if match else title
+    article = _TRAILING_ARTICLE.match(name)
+    return f"{article.group(2)} {article.group(1)}" if article else name
+
+
+def release_line(activities: Sequence[Activity]) -> str:
+    """`Released mostly in the 1990s, also the 1970s.` (v4's years, at most three decades)."""
+    decades: dict[int, int] = {}
+    for a in activities:
+        match = _YEAR.match(split_genres(a.text)[0])
+        if match:
+            decade = int(match.group(2)) // 10 * 10
+            decades[decade] = decades.get(decade, 0) + 1
+    ranked = [d for d, _ in sorted(decades.items(), key=lambda x: (-x[1], -x[0]))[:3]]
+    if not ranked:
+        return ""
+    also = ", ".join(f"the {d}s" for d in ranked[1:])
+    return f"Released mostly in the {ranked[0]}s" + (f", also {also}." if also else ".")
+
+
+def grouped(activities: Sequence[Activity], max_title_chars: int, *,
+             bare: bool = False) -> list[str]:
     """Ratings grouped into high / middle / low (so dislikes stand out), other actions apart."""
     groups: dict[str, list[str]] = {"high": [], "mid": [], "low": [], "other": []}
     for a in activities:
-        line = item_line(a, max_title_chars)
+        line = item_line(a, max_title_chars, bare=bare)
         if a.action == "rate" and a.value is not None:
             key = "high" if a.value >= 4 else "low" if a.value <= 2 else "mid"
             if key == "mid" and a.value != 3:
@@ -237,11 +251,13 @@ def cascade_prompt(activities: Sequence[Activity], *, context: str | None,
         head = _NO_CONTEXT
     if template == KAR_V2:
         body = "\n".join([head, "", f"New activity ({len(activities)} items):",
-                          *_grouped(activities, max_title_chars), "", FACTORS, CASCADE_TASK])
+                          *grouped(activities, max_title_chars), "", FACTORS, CASCADE_TASK])
         return ChatPrompt(SYSTEM, body, CASCADE_LABELS, CASCADE_STARTERS, KAR_V2)
+    bare = template == COMPACT_V4
     body = "\n".join([head, f"New ratings ({len(activities)}):",
-                      *_grouped(activities, max_title_chars), genre_line(activities)])
-    return ChatPrompt(V3_SYSTEM, body.rstrip(), V3_LABELS, V3_STARTERS, COMPACT_V3,
+                      *grouped(activities, max_title_chars, bare=bare), genre_line(activities),
+                      release_line(activities) if bare else ""])
+    return ChatPrompt(V3_SYSTEM, body.rstrip(), V3_LABELS, V3_STARTERS, template,
                       no_digits=True)
 
 
@@ -249,15 +265,18 @@ def naive_prompt(earlier: Sequence[Activity], new: Sequence[Activity], *,
                  max_title_chars: int = 120, template: str = TEMPLATE_VERSION) -> ChatPrompt:
     """Baseline: the whole history again, no summary as context."""
     _check(template)
-    lines = [f"Earlier activity ({len(earlier)} items):", *_grouped(earlier, max_title_chars)] \
+    bare = template == COMPACT_V4
+    lines = [f"Earlier activity ({len(earlier)} items):",
+             *grouped(earlier, max_title_chars, bare=bare)] \
         if earlier else ["Earlier activity: none."]
     if template == KAR_V2:
         body = "\n".join([*lines, "", f"New activity ({len(new)} items):",
-                          *_grouped(new, max_title_chars), "", FACTORS, NAIVE_TASK])
+                          *grouped(new, max_title_chars), "", FACTORS, NAIVE_TASK])
         return ChatPrompt(SYSTEM, body, CASCADE_LABELS, NAIVE_STARTERS, KAR_V2)
-    body = "\n".join([*lines, f"New ratings ({len(new)}):", *_grouped(new, max_title_chars),
-                      genre_line([*earlier, *new])])
-    return ChatPrompt(V3_NAIVE_SYSTEM, body.rstrip(), V3_LABELS, V3_STARTERS, COMPACT_V3,
+    body = "\n".join([*lines, f"New ratings ({len(new)}):",
+                      *grouped(new, max_title_chars, bare=bare), genre_line([*earlier, *new]),
+                      release_line([*earlier, *new]) if bare else ""])
+    return ChatPrompt(V3_NAIVE_SYSTEM, body.rstrip(), V3_LABELS, V3_STARTERS, template,
                       no_digits=True)
 
 

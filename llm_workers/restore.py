@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.partitioner.default import murmur2
+from kafka import TopicPartition
 
-from llm_workers import metrics
-from llm_workers.state import Store
+from core.kafka import key_partition, make_consumer
 from core.records import InvalidRecord, Summary, decode
 from core.topics import SUMMARIES
+from llm_workers import metrics
+from llm_workers.state import Store
 
 log = logging.getLogger("liber.llm")
 
@@ -33,9 +33,8 @@ def catch_up(settings, store: Store, assigned: list[int], closed_partitions: int
     if not assigned:
         return 0
     name = settings.topic(SUMMARIES)
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             client_id=f"{settings.app_id}-llm-restore", enable_auto_commit=False,
-                             **settings.kafka_client_options())
+    consumer = make_consumer(settings, client_id=f"{settings.app_id}-llm-restore",
+                             enable_auto_commit=False)
     try:
         partitions = consumer.partitions_for_topic(name) or set()
         same = len(partitions) == closed_partitions
@@ -58,7 +57,7 @@ def catch_up(settings, store: Store, assigned: list[int], closed_partitions: int
                 for rec in records:
                     read += 1
                     if not same and (rec.key is None or
-                                     (murmur2(rec.key) & 0x7FFFFFFF) % closed_partitions not in keep):
+                                     key_partition(rec.key, closed_partitions) not in keep):
                         continue
                     try:
                         summary = decode(Summary, rec.value, key=rec.key,

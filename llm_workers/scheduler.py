@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -177,34 +177,3 @@ class Scheduler:
                 del self._queues[key]
                 self._busy.discard(key)
         return dropped
-
-
-class Offsets:
-    """Input offsets that are safe to commit: below the oldest record not yet done."""
-
-    def __init__(self):
-        self._pending: dict[object, set[int]] = {}
-        self._next: dict[object, int] = {}
-
-    def received(self, tp, offset: int) -> None:
-        self._pending.setdefault(tp, set()).add(offset)
-        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
-
-    def tracks(self, tp) -> bool:
-        return tp in self._next
-
-    def done(self, tp, offset: int) -> None:
-        self._pending.get(tp, set()).discard(offset)
-
-    def committable(self, tps=None) -> dict:
-        out = {}
-        for tp, nxt in self._next.items():
-            if tps is None or tp in tps:
-                pending = self._pending.get(tp)
-                out[tp] = min(pending) if pending else nxt
-        return out
-
-    def forget(self, tps) -> None:
-        for tp in tps:
-            self._pending.pop(tp, None)
-            self._next.pop(tp, None)

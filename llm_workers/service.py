@@ -20,159 +20,50 @@ Failures: a failed call (error, timeout, unparseable answer) is retried alone af
 DLQ with the error in its headers and the user's next partition proceeds. Other users keep going
 meanwhile: only the failing user's queue waits.
 
-Sends are checked before a commit (`Outbox`): a refused summary is sent again, then its input
-record is dead-lettered (`send_failed`); a refused dead letter is sent again without the record's
-bytes; what still fails is logged and counted with the input's coordinates (`lost`), and the
-worker goes on: one record must never stop it (a crash would only replay it forever).
+Commits follow the checkpoint protocol (state/checkpoint.py): sends are made durable first (a
+refused summary is sent again, then its input record is dead-lettered, `send_failed`; a refused
+dead letter is sent again without the record's bytes; what still fails is logged and counted
+with the input's coordinates, `lost`), and the worker goes on: one record must never stop it (a
+crash would only replay it forever). The run loop, stop signals and rebalance callbacks are the
+shared worker base's (state/worker.py).
 """
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from core import logs
-from core.settings import Settings
-from llm_workers import backends, collective, metrics, prompts, restore
-from llm_workers.prompts import Activity
-from llm_workers.scheduler import Job, Offsets, Scheduler, TokenBudget
-from llm_workers.state import Store
-from core import dead_letter
+from core.activity import Activity
+from core.clusters import cluster_of
+from core import kafka as kafka_clients
+from core.kafka import make_consumer, make_producer
 from core.records import ClosedPartition, CollectiveSummary, InvalidRecord, Summary, decode
+from core.settings import Settings
 from core.topics import COLLECTIVE_SUMMARIES, PARTITIONS_CLOSED, SUMMARIES, dlq
+from llm_workers import backends, collective, metrics, prompts, restore
+from llm_workers.scheduler import Job, Scheduler, TokenBudget
+from llm_workers.state import Store
 from ops import metrics as ops_metrics
+from state.checkpoint import Checkpoint, Offsets, Outbox
+from state.worker import Worker
 
 log = logging.getLogger("liber.llm")
 COMMIT_INTERVAL_S = 0.5
 MAX_BACKOFF_S = 60.0
 STOP_GRACE_S = 10.0
-SEND_TRIES = 3  # sends of one record after a retriable failure (the client retries inside each)
 # One try to reach the cluster at start; a failed one is logged and made again, without end.
 BOOTSTRAP_TIMEOUT_MS = 10_000
 RESTORE_RETRY_S = 1.0
 
 
-@dataclass(eq=False)
-class Send:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list
-    source: tuple | None = None  # (TopicPartition, offset, raw key, raw value) it stands for
-    letter: tuple | None = None  # (reason, detail) when this is a dead letter
-    info: object = None          # the caller's, handed back with the metadata
-    tries: int = 1
-    future: object = None
-    error: Exception | None = None
+class LLMWorker(Worker):
+    name = "llm worker"
 
-    def failed(self) -> bool:
-        return self.error is not None or (self.future is not None and self.future.failed())
-
-
-class Outbox:
-    """A producer's sends, checked before the input offsets behind them are committed.
-
-    `settle()` waits for every send. A retriable failure is sent again (up to SEND_TRIES); an
-    output that still fails dead-letters its input record (`send_failed`); a dead letter that
-    fails is sent once more without the record's bytes (the topic may take less than we keep);
-    what fails then is logged with the input's coordinates and counted as `lost`. Nothing raises:
-    the caller commits and goes on.
-    """
-
-    def __init__(self, producer, topic_dlq: str, failures, *, logger, prefix: str = ""):
-        self.producer, self.topic_dlq, self.failures = producer, topic_dlq, failures
-        self.log, self.prefix = logger, prefix
-        self.pending: list[Send] = []
-
-    def __bool__(self) -> bool:
-        return bool(self.pending)
-
-    def send(self, topic: str, key: bytes | None, value: bytes | None, headers=None, *,
-             source=None, letter=None, info=None, tries: int = 1) -> Send:
-        out = Send(topic, key, value, headers or [], source, letter, info, tries)
-        try:
-            out.future = self.producer.send(topic, key=key, value=value, headers=out.headers)
-        except KafkaError as exc:  # over our client's max_request_size; metadata timeout
-            out.error = exc
-        self.pending.append(out)
-        return out
-
-    def dead_letter(self, tp, offset: int, key, value, reason: str, detail: str, *,
-                    limit: int = dead_letter.MAX_VALUE, tries: int = 1) -> Send:
-        source = (tp, offset, key, value)
-        kept, headers = dead_letter.letter(value, reason, detail, topic=tp.topic,
-                                           partition=tp.partition, offset=offset, limit=limit)
-        if limit == 0:
-            key, kept = None, b""  # the key may be what is too large; headers still find it
-        return self.send(self.topic_dlq, key, kept, headers, source=source,
-                         letter=(reason, detail), tries=tries)
-
-    def failed(self) -> bool:
-        return any(out.failed() for out in self.pending)
-
-    def settle(self, timeout_s: float = 30.0) -> list[tuple[Send, object]]:
-        """Wait for every send (and the retries and dead letters failures lead to); returns
-        the sends that succeeded with their RecordMetadata."""
-        done = []
-        while self.pending:
-            try:
-                self.producer.flush(timeout_s)
-            except KafkaError:  # a flush timeout: each future below says what it means
-                pass
-            sends, self.pending = self.pending, []
-            for out in sends:
-                try:
-                    if out.error is not None:
-                        raise out.error
-                    done.append((out, out.future.get(timeout=timeout_s)))
-                except KafkaError as exc:
-                    self._failed(out, exc)
-        return done
-
-    def _failed(self, out: Send, exc: KafkaError) -> None:
-        topic = out.topic[len(self.prefix):] if out.topic.startswith(self.prefix) else out.topic
-        tp, offset = (out.source[0], out.source[1]) if out.source else (None, None)
-        where = dict(source_topic=getattr(tp, "topic", None),
-                     partition=getattr(tp, "partition", None), offset=offset)
-        if getattr(exc, "retriable", False) and out.tries < SEND_TRIES:
-            outcome = "retried"
-            self.send(out.topic, out.key, out.value, out.headers, source=out.source,
-                      letter=out.letter, info=out.info, tries=out.tries + 1)
-        elif out.letter is None and out.source is not None:
-            outcome = "dead_lettered"
-            self.dead_letter(*out.source, "send_failed", f"{topic}: {exc!r}")
-        elif out.letter is not None and out.value:
-            outcome = "resent_without_value"
-            self.dead_letter(*out.source, *out.letter, limit=0, tries=out.tries)
-        else:
-            outcome = "lost"
-        self.failures.labels(topic=topic, outcome=outcome).inc()
-        logs.event(self.log, "send_failed", logging.ERROR if outcome == "lost" else
-                   logging.WARNING, topic=out.topic, outcome=outcome, error=repr(exc)[:300],
-                   **where)
-
-
-class RebalanceForwarder(ConsumerRebalanceListener):
-    """Hands kafka-python's rebalance callbacks to a worker's on_revoked / on_assigned."""
-
-    def __init__(self, worker):
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked):
-        self.worker.on_revoked(set(revoked))
-
-    def on_partitions_assigned(self, assigned):
-        self.worker.on_assigned(set(assigned))
-
-
-class LLMWorker:
     def __init__(self, settings: Settings, backend: backends.Backend | None = None):
+        super().__init__(logger=log, rebalances=ops_metrics.REBALANCES)
         self.s = settings
         self.backend = backend or backends.create(settings)
         self.store = Store(settings.state_path / "llm-worker")
@@ -186,74 +77,44 @@ class LLMWorker:
         self.executor = ThreadPoolExecutor(settings.llm_concurrency, thread_name_prefix="llm")
         self.inflight: dict[Future, tuple[list[Job], float, list]] = {}
         self.collective_queued: set[str] = set()
-        self.stopping = False
         self._dirty = False
         self._last_commit = 0.0
         self._produced: dict[int, int] = {}
-        self._committed: dict = {}
-        self._to_restore: set = set()
-        kafka = dict(bootstrap_servers=settings.bootstrap_servers,
-                     bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS, **settings.kafka_client_options())
         # Not idempotent: kafka-python's idempotent producer takes any refused record (too
         # large for a topic) as fatal and fails every later send. One request in flight keeps
         # the order; a retry may duplicate a record, which every reader of ours tolerates.
-        self.producer = until_reachable("producer", lambda: KafkaProducer(
-            client_id=f"{settings.app_id}-llm", acks="all", enable_idempotence=False,
-            max_in_flight_requests_per_connection=1, linger_ms=5, retries=10, **kafka))
+        self.producer = until_reachable("producer", lambda: make_producer(
+            settings, client_id=f"{settings.app_id}-llm", acks="all", enable_idempotence=False,
+            max_in_flight_requests_per_connection=1, linger_ms=5, retries=10,
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS))
         self.outbox = Outbox(self.producer, self.topic_dlq, metrics.SEND_FAILURES, logger=log,
                              prefix=settings.topic_prefix)
-        self.consumer = until_reachable("consumer", lambda: KafkaConsumer(
-            client_id=f"{settings.app_id}-llm", group_id=f"{settings.app_id}-llm",
+        self.consumer = until_reachable("consumer", lambda: make_consumer(
+            settings, client_id=f"{settings.app_id}-llm", group_id=f"{settings.app_id}-llm",
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=min(500, settings.llm_max_queue),
             # a killed worker's partitions move on after 10 s, not kafka-python's 45 s
             # (heartbeats come from a thread of their own: a long LLM call does not stop them)
-            session_timeout_ms=10_000, heartbeat_interval_ms=3_000, **kafka))
+            session_timeout_ms=10_000, heartbeat_interval_ms=3_000,
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS))
+        self.checkpoint = Checkpoint(self.consumer, self.outbox, self.offsets)
         # The metadata request goes to any broker the client knows, a dead one included (a
         # broker stays listed until the controller fences it): tried again, not fatal.
         self._closed_partitions = until_reachable(
             f"partitions of {self.topic_in}",
             lambda: len(self.consumer.partitions_for_topic(self.topic_in) or ())) or \
             settings.topic_partitions
-        self.consumer.subscribe([self.topic_in], listener=RebalanceForwarder(self))
+        self.subscribe([self.topic_in])
 
     # --- main loop -------------------------------------------------------------------------------
-    def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+    def announce(self) -> None:
         log.info("llm worker: backend=%s model=%s mode=%s batch=%d queue=%d budget_tpm=%d",
                  self.backend.name, self.backend.model, self.s.llm_mode, self.s.llm_batch_size,
                  self.s.llm_max_queue, self.s.llm_budget_tpm)
-        try:
-            while not self.stopping:
-                self.step()
-        finally:
-            self.shutdown()
-
-    def _on_signal(self, signum, frame) -> None:
-        self.stopping = True
 
     def step(self) -> None:
         busy = bool(self.inflight) or len(self.scheduler) > 0
-        records = self.consumer.poll(timeout_ms=50 if busy else 500)
-        if self._to_restore:  # before any prompt of the new partitions is built
-            assigned, self._to_restore = self._to_restore, set()
-            # partitions we still hold jobs of (a cooperative rebalance may hand them out
-            # again) need neither a restore nor a rewind
-            fresh = {tp for tp in assigned if not self.offsets.tracks(tp)}
-            if fresh:
-                try:
-                    restore.catch_up(self.s, self.store, sorted(tp.partition for tp in fresh),
-                                     self._closed_partitions)
-                    self._rewind(fresh)
-                except (KafkaError, TimeoutError) as exc:
-                    # a broker going away meanwhile: their records wait for the next step,
-                    # which restores and rewinds them again
-                    log.warning("restore of %d assigned partitions failed (%r): retrying",
-                                len(fresh), exc)
-                    self._to_restore |= fresh & self.consumer.assignment()
-                    time.sleep(RESTORE_RETRY_S)
-                records = {tp: recs for tp, recs in records.items() if tp not in fresh}
+        records = self.poll(50 if busy else 500)  # restores new partitions before any prompt
         now = time.monotonic()
         for tp, batch in records.items():
             for rec in batch:
@@ -265,22 +126,38 @@ class LLMWorker:
         metrics.QUEUE_DEPTH.set(len(self.scheduler))
         metrics.BUDGET_USED.set(self.budget.used() if self.budget.enabled else 0)
 
-    def shutdown(self) -> None:
-        """Finish the calls in flight (a few seconds at most), commit, close. Queued partitions
+    def restore_assigned(self, assigned: set) -> set:
+        """Catch the state of newly assigned partitions up from `summaries` and rewind them to
+        their committed offsets; returns them (their records polled meanwhile are dropped)."""
+        # partitions we still hold jobs of (a cooperative rebalance may hand them out again)
+        # need neither a restore nor a rewind
+        fresh = {tp for tp in assigned if not self.offsets.tracks(tp)}
+        if fresh:
+            try:
+                restore.catch_up(self.s, self.store, sorted(tp.partition for tp in fresh),
+                                 self._closed_partitions)
+                self._rewind(fresh)
+            except (KafkaError, TimeoutError) as exc:
+                # a broker going away meanwhile: their records wait for the next step,
+                # which restores and rewinds them again
+                log.warning("restore of %d assigned partitions failed (%r): retrying",
+                            len(fresh), exc)
+                self.retry_restore(fresh)
+                time.sleep(RESTORE_RETRY_S)
+        return fresh
+
+    def drain(self) -> None:
+        """Finish the calls in flight (a few seconds at most) and commit. Queued partitions
         are not committed: the next start gets them again."""
         deadline = time.monotonic() + STOP_GRACE_S
         while self.inflight and time.monotonic() < deadline:
             time.sleep(0.05)
             self.collect(time.monotonic())
-        try:
-            self.commit(time.monotonic(), force=True)
-        finally:
-            self.backend.close()  # aborts a call still running, so the process can exit
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            self.consumer.close(autocommit=False)
-            self.producer.close(timeout=10)
-            self.store.close()
-            log.info("llm worker stopped")
+        self.commit(time.monotonic(), force=True)
+
+    def release(self) -> None:
+        self.backend.close()  # aborts a call still running, so the process can exit
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
     # --- input -------------------------------------------------------------------------------------
     def accept(self, tp, rec, now: float) -> None:
@@ -370,7 +247,7 @@ class LLMWorker:
                 job.previous, kind = state["summary"], prompts.CONTEXT_PREVIOUS
                 job.context = kind
             else:
-                job.cluster = collective.cluster_of(activities)
+                job.cluster = cluster_of(activities)
                 group = self.store.cluster(job.cluster) if s.llm_collective_min_users else None
                 if group and group.get("summary"):
                     job.previous, kind = group["summary"], prompts.CONTEXT_COLLECTIVE
@@ -557,20 +434,18 @@ class LLMWorker:
         self.outbox.dead_letter(tp, offset, key, value, reason, detail)
 
     def commit(self, now: float, force: bool = False, tps=None) -> None:
-        """Flush what was produced, then commit input offsets below the oldest undone record."""
+        """Steps 3-5 of the checkpoint (state/checkpoint.py; step 1 is `Store.finish`): make
+        the sends durable, commit input offsets below the oldest undone record, then record
+        the restore checkpoint."""
         if not (self._dirty or force) or (not force and now - self._last_commit < COMMIT_INTERVAL_S):
             return
-        for out, meta in self.outbox.settle():  # failures retried, dead-lettered or reported
+        for out, meta in self.checkpoint.make_durable():  # failures followed up, never raised
             ops_metrics.RECORDS_OUT.inc(out.topic)
             if out.topic == self.topic_out:
                 self._produced[meta.partition] = max(self._produced.get(meta.partition, 0),
                                                      meta.offset + 1)
         assigned = self.consumer.assignment()
-        offsets = {tp: off for tp, off in self.offsets.committable(tps).items()
-                   if tp in assigned and self._committed.get(tp) != off}
-        if offsets:
-            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
-            self._committed.update(offsets)
+        self.checkpoint.commit(self.checkpoint.committable(tps, assigned))
         if self._produced and self._closed_partitions == len(
                 self.producer.partitions_for(self.topic_out)):
             # We are the only writer of these summaries partitions while we own the matching
@@ -585,22 +460,15 @@ class LLMWorker:
     # The listener may run on the consumer's network thread (kafka-python 3): it must not block
     # on the consumer. It drops the revoked partitions' jobs, flushes what was produced (its own
     # client) and commits asynchronously; restoring newly assigned partitions from `summaries`
-    # is left to the main loop, which does it before building any prompt for them.
+    # is left to the main loop (`restore_assigned`), before any prompt for them is built.
     def on_revoked(self, revoked: set) -> None:
         dropped = self.scheduler.drop(lambda job: job.source is not None and job.source[0] in revoked)
         if dropped:
             log.info("partitions revoked: %d queued partitions dropped (the new owner redoes "
                      "them)", len(dropped))
-        self._to_restore -= revoked
-        self.producer.flush(30)  # the next owner restores from summaries: ours must be there
-        offsets = {tp: off for tp, off in self.offsets.committable(revoked).items()
-                   if self._committed.get(tp) != off}
-        if offsets and not self.outbox.failed():
-            self.consumer.commit_async({tp: OffsetAndMetadata(off, "", -1)
-                                        for tp, off in offsets.items()}, callback=_commit_logged)
-        self.offsets.forget(revoked)
-        for tp in revoked:
-            self._committed.pop(tp, None)
+        super().on_revoked(revoked)
+        # the next owner restores from summaries: ours must be there
+        self.checkpoint.revoke(revoked, callback=_commit_logged)
 
     def _rewind(self, assigned: set) -> None:
         """Start newly assigned partitions at their committed offset. Jobs dropped at a
@@ -614,17 +482,10 @@ class LLMWorker:
             else:
                 self.consumer.seek(tp, committed)
 
-    def on_assigned(self, assigned: set) -> None:
-        ops_metrics.REBALANCES.inc()
-        logs.event(log, "rebalance", phase="assigned",
-                   assigned=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
-        self._to_restore |= set(assigned)
-
 
 def until_reachable(what: str, call):
     """`core.kafka.until_reachable`, logged as the LLM worker's."""
-    from core.kafka import until_reachable as retried
-    return retried(what, call, logger=log)
+    return kafka_clients.until_reachable(what, call, logger=log)
 
 
 def _commit_logged(offsets, response) -> None:

@@ -18,73 +18,47 @@ done, and the stored bytes are produced again (at-least-once, never a different 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import WriteBatch
+
+from state.rocks import RocksStore, db_key
 
 KEEP_SUMMARIES = 8
-SEP = b"\x00"
-
-
-def _key(kind: bytes, *parts: str | bytes) -> bytes:
-    return SEP.join([kind, *(p.encode("utf-8") if isinstance(p, str) else p for p in parts)])
 
 
 def _seq(seq: int) -> bytes:
     return b"%012d" % seq
 
 
-class RocksStore:
-    """A rocksdict database in raw mode with JSON values under `u <user>` (shared by the LLM
-    and fusion workers' stores)."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        self.path = path
-        self._db = Rdict(str(path), options)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def _json(self, key: bytes):
-        raw = self._db.get(key)
-        return None if raw is None else json.loads(raw)
-
-    def user(self, user_id: str) -> dict | None:
-        return self._json(_key(b"u", user_id))
-
-
 class Store(RocksStore):
     # --- per user ---------------------------------------------------------------------------
 
     def summary_bytes(self, user_id: str, seq: int) -> bytes | None:
-        return self._db.get(_key(b"s", user_id, _seq(seq)))
+        return self._db.get(db_key(b"s", user_id, _seq(seq)))
 
     def history(self, user_id: str) -> list:
-        return self._json(_key(b"h", user_id)) or []
+        return self._json(db_key(b"h", user_id)) or []
 
     def last_prompt(self, user_id: str) -> dict | None:
-        return self._json(_key(b"p", user_id))
+        return self._json(db_key(b"p", user_id))
 
     def finish(self, user_id: str, seq: int, user_state: dict, summary: bytes, *,
                prompt: dict | None = None, history: list | None = None,
                cluster: tuple[str, dict] | None = None) -> None:
         """One partition done: all its state changes in one atomic write."""
         batch = WriteBatch(raw_mode=True)
-        batch.put(_key(b"u", user_id), json.dumps(user_state).encode())
-        batch.put(_key(b"s", user_id, _seq(seq)), summary)
+        batch.put(db_key(b"u", user_id), json.dumps(user_state).encode())
+        batch.put(db_key(b"s", user_id, _seq(seq)), summary)
         old = seq - KEEP_SUMMARIES
         if old >= 0:
-            batch.delete_range(_key(b"s", user_id, _seq(0)), _key(b"s", user_id, _seq(old + 1)))
+            batch.delete_range(db_key(b"s", user_id, _seq(0)),
+                               db_key(b"s", user_id, _seq(old + 1)))
         if prompt is not None:
-            batch.put(_key(b"p", user_id), json.dumps(prompt).encode())
+            batch.put(db_key(b"p", user_id), json.dumps(prompt).encode())
         if history is not None:
-            batch.put(_key(b"h", user_id), json.dumps(history).encode())
+            batch.put(db_key(b"h", user_id), json.dumps(history).encode())
         if cluster is not None:
-            batch.put(_key(b"c", cluster[0]), json.dumps(cluster[1]).encode())
+            batch.put(db_key(b"c", cluster[0]), json.dumps(cluster[1]).encode())
         self._db.write(batch)
 
     def restore(self, user_id: str, seq: int, summary: bytes, cascaded: str) -> bool:
@@ -100,17 +74,17 @@ class Store(RocksStore):
 
     # --- clusters and offsets ------------------------------------------------------------------
     def cluster(self, name: str) -> dict | None:
-        return self._json(_key(b"c", name))
+        return self._json(db_key(b"c", name))
 
     def put_cluster(self, name: str, value: dict) -> None:
-        self._db[_key(b"c", name)] = json.dumps(value).encode()
+        self._db[db_key(b"c", name)] = json.dumps(value).encode()
 
     def restore_offset(self, partition: int) -> int:
-        raw = self._db.get(_key(b"o", str(partition)))
+        raw = self._db.get(db_key(b"o", str(partition)))
         return int(raw) if raw is not None else 0
 
     def put_restore_offsets(self, offsets: dict[int, int]) -> None:
         batch = WriteBatch(raw_mode=True)
         for partition, offset in offsets.items():
-            batch.put(_key(b"o", str(partition)), str(offset).encode())
+            batch.put(db_key(b"o", str(partition)), str(offset).encode())
         self._db.write(batch)

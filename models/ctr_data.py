@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from llm_workers.prompts import Activity, _grouped
+from core.activity import Activity
+from llm_workers.prompts import grouped
 from models.layers import UNKNOWN_RATING
 from models.summaries_batch import BatchPartition, SummaryText
 from streams import movielens, replay
@@ -117,7 +118,7 @@ def batch_partitions(history: UserHistory, catalog: Catalog, depth: int) -> list
     """The user's first `depth` partitions with the item text the stream worker joins in."""
     out = []
     for part in history.partitions[:depth]:
-        activities = tuple(Activity(catalog.text.get(e[1], f"item {e[1]}"), e[2], e[4])
+        activities = tuple(Activity(catalog.text.get(e.item_id, f"item {e.item_id}"), e.action, e.value)
                            for e in part.events)
         out.append(BatchPartition(history.user_id, part.seq, activities, part.end_ts))
     return out
@@ -125,7 +126,7 @@ def batch_partitions(history: UserHistory, catalog: Catalog, depth: int) -> list
 
 def partition_text(part: BatchPartition, max_title_chars: int = 60) -> str:
     """The partition's own item text (no LLM), grouped by rating as the prompt shows it."""
-    return " ".join(_grouped(part.activities, max_title_chars))
+    return " ".join(grouped(part.activities, max_title_chars))
 
 
 def shuffled_users(histories: dict[str, UserHistory], seed: int) -> list[str]:

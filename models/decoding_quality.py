@@ -4,7 +4,7 @@ The same users, partitions and CTR samples are summarised twice by the batch UIL
 (models.summaries_batch, the worker's prompts and backend):
 
     reference  plain greedy decoding, which DARE strict equals token for token
-               (tests/llm_workers/test_backends_dare.py); cached as usual. `reference`
+               (tests/llm_workers/backends/test_transformers_dare.py); cached. `reference`
                settings (e.g. {"llm_repetition_penalty": "1.15"}) make it differ from the
                candidate: to compare with an earlier decoding of the worker.
     candidate  DARE `relaxed` (default; top-k and probability floor of the settings) or
@@ -36,7 +36,10 @@ import numpy as np
 
 from models import evaluation, training
 from models.summaries_batch import BatchSummariser, SummaryCache
-from models.training import Prepared, SplitTensors, TrainConfig, auc
+from models.ctr_metrics import auc
+from models.prepare import Prepared
+from models.split_tensors import SplitTensors
+from models.training import TrainConfig
 
 SOURCE = "cascade"
 

@@ -25,7 +25,9 @@ import numpy as np
 
 from core.machine import describe as describe_machine
 from models import training
-from models.training import SplitTensors, TrainConfig, auc, logloss
+from models.ctr_metrics import auc, logloss
+from models.split_tensors import SplitTensors
+from models.training import TrainConfig
 
 VARIANTS = ("base", "liber", "naive", "item_text")
 SOURCE_OF = {"liber": "cascade", "naive": "naive", "item_text": "item_text"}

@@ -112,9 +112,8 @@ class AggregateTable(StateTable):
 
     def _mean(self, events) -> tuple | None:
         """(weighted sum, plain sum, total |weight|, count) of the events' item vectors."""
-        # partition events are [event_id, item_id, action, ts, value] rows
-        vectors = [(self.item_vectors[e[1]], (e[4] if e[4] is not None else 3.0) - 3.0)
-                   for e in events if e[1] in self.item_vectors]
+        vectors = [(self.item_vectors[e.item_id], (e.value if e.value is not None else 3.0) - 3.0)
+                   for e in events if e.item_id in self.item_vectors]
         if not vectors:
             return None
         v = np.stack([x for x, _ in vectors])

@@ -29,9 +29,10 @@ import numpy as np
 from models import ctr_data, evaluation, lifelong_data, summary_quality, training
 from models.ctr_data import VectorTable
 from models.lifelong_data import AggregateTable, LifelongConfig
+from models.prepare import drift_rule
 from models.summaries_batch import BatchSummariser
 from models.text_encoder import DIM, TextEncoder
-from models.training import SplitTensors
+from models.split_tensors import SplitTensors
 from streams import movielens
 from streams import ubsp
 
@@ -59,7 +60,7 @@ def prepare(settings, *, users: int, cfg: LifelongConfig, k: int, sources, data_
     chosen = choose_users(all_histories, cfg, users, data_seed)
     histories = {u: lifelong_data.cut(all_histories[u], cfg.max_history) for u in chosen}
     rules = ubsp.CloseRules.from_settings(settings)
-    drift = training._drift_rule(settings, catalog, histories.values()) \
+    drift = drift_rule(settings, catalog, histories.values()) \
         if settings.drift_threshold > 0 else None
     for h in histories.values():
         ctr_data.partition_user(h, rules, drift=drift, dataset=dataset)

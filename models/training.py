@@ -1,208 +1,31 @@
-"""Offline training of UIF with a CTR backbone: data preparation, the loop, metrics.
+"""Offline training of UIF with a CTR backbone: the loop, and the artifact it saves.
 
-`prepare(...)` runs the protocol of models/ctr_data.py end to end: MovieLens -> UBSP
-partitions -> user split -> summaries (batch UIL, cached; or the partitions' own item text) ->
-encoder vectors -> samples. `fit(...)` trains with Adam and early stopping on validation AUC
-(the best epoch's weights are kept). `train_artifact(...)` does both and saves a versioned
-artifact (models/artifact.py); `liber train` calls it.
+`fit(...)` trains with Adam and early stopping on validation AUC (the best epoch's weights are
+kept). `train_artifact(...)` prepares the data (models/prepare.py), fits, tests and saves a
+versioned artifact (models/artifact.py); `liber train` calls it. `train_tiny_artifact(...)`
+makes a small real one in seconds (tests, the demo).
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-import sqlite3
 import time
-from collections.abc import MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from models import artifact, ctr_data, uif
-from models.ctr_data import Catalog, Samples, VectorTable
-from models.summaries_batch import BatchSummariser, SummaryText
-from models.text_encoder import DIM, TextEncoder
-from streams import movielens, ubsp
+from models import artifact, uif
+from models.ctr_data import Catalog
+from models.ctr_metrics import auc, logloss
+from models.prepare import prepare
+from models.split_tensors import SplitTensors
+from models.text_encoder import DIM
 
 SOURCES = ("cascade", "naive", "item_text")
-
-
-# --- metrics ----------------------------------------------------------------------------------
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC with tied scores counted half (Mann-Whitney U); NaN with one class only."""
-    labels = np.asarray(labels) > 0.5
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True,
-                                   return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = (ends - (counts - 1) / 2.0)[inverse]    # average 1-based rank of each tie group
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
-    y = np.asarray(labels, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-# --- data -------------------------------------------------------------------------------------
-@dataclass
-class Prepared:
-    catalog: Catalog
-    splits: dict[str, Samples]
-    users: dict[str, list[str]]
-    depth: int
-    k: int
-    history_len: int
-    partitions: dict[str, list]                     # user -> BatchPartitions summarised
-    summaries: dict[str, dict[str, list]]           # source -> user -> [SummaryText | None]
-    matrices: dict[str, np.ndarray] = field(default_factory=dict)   # source -> [T+1, 384]
-    lookups: dict[str, dict[str, tuple]] = field(default_factory=dict)  # source -> split -> idx
-    stats: dict = field(default_factory=dict)
-
-
-def item_text_summaries(parts) -> list[SummaryText]:
-    """Summaries without an LLM: the partition's own item text, and as 'profile' the titles
-    liked so far (capped). For plumbing tests and as a diagnostic of the LLM's contribution."""
-    out, liked = [], []
-    for part in parts:
-        liked += [a.text for a in part.activities if a.value is not None and a.value >= 4]
-        profile = "Liked: " + "; ".join(reversed(liked))
-        out.append(SummaryText(ctr_data.partition_text(part), profile[:600]))
-    return out
-
-
-def prepare(settings, *, dataset: str = "ml-1m", n_users: int = 60, depth: int = 3, k: int = 3,
-            history_len: int = 50, data_seed: int = 0, sources=("cascade",),
-            max_new_tokens: int = 64, batch_size: int = 16, summariser: BatchSummariser | None = None,
-            encoder: TextEncoder | None = None, log: Callable[[str], object] = lambda m: None
-            ) -> Prepared:
-    started = time.monotonic()
-    data_dir = movielens.fetch(settings.home, datasets=(dataset,), log=lambda m: None)[dataset]
-    catalog = ctr_data.load_catalog(data_dir, dataset)
-    histories = ctr_data.group_ratings(movielens.load_ratings(data_dir, dataset))
-    rules = ubsp.CloseRules.from_settings(settings)
-    # Draw in a seeded order, cutting each drawn user's partitions, until n_users have more
-    # than `depth` closed partitions; the drift rule only needs the vectors of their items.
-    order = ctr_data.shuffled_users(histories, data_seed)
-    pool = order[: max(3 * n_users, n_users + 20)]
-    drift = _drift_rule(settings, catalog, [histories[u] for u in pool]) \
-        if settings.drift_threshold > 0 else None
-    eligible = []
-    for u in pool:
-        ctr_data.partition_user(histories[u], rules, drift=drift, dataset=dataset)
-        if len(histories[u].partitions) > depth:
-            eligible.append(u)
-            if len(eligible) == n_users:
-                break
-    users = ctr_data.split_users(eligible)
-    log(f"{dataset}: {len(histories)} users; {len(eligible)} drawn with > {depth} partitions "
-        f"(train {len(users['train'])}, val {len(users['val'])}, test {len(users['test'])})")
-    chosen = [u for split in users.values() for u in split]
-    parts = {u: ctr_data.batch_partitions(histories[u], catalog, depth) for u in chosen}
-    splits = {name: ctr_data.build_samples([histories[u] for u in ids], catalog, depth,
-                                           history_len) for name, ids in users.items()}
-    summaries: dict[str, dict[str, list]] = {}
-    stats: dict = {"summaries": {}}
-    for source in sources:
-        if source == "item_text":
-            summaries[source] = {u: item_text_summaries(p) for u, p in parts.items()}
-            continue
-        if summariser is None:
-            summariser = BatchSummariser(settings, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size, log=log)
-        t = time.monotonic()
-        summaries[source], batch_stats = summariser.run(parts, source)
-        stats["summaries"][source] = {**batch_stats.as_dict(),
-                                      "wall_s": round(time.monotonic() - t, 1)}
-    if summariser is not None:
-        stats["summariser"] = summariser.describe()
-    prepared = Prepared(catalog, splits, users, depth, k, history_len, parts, summaries,
-                        stats=stats)
-    encoder = encoder or TextEncoder()
-    for source, by_user in summaries.items():
-        table = VectorTable(k)
-        for u in chosen:
-            table.add_user(u, by_user[u], depth)
-        prepared.matrices[source] = table.matrix(encoder.encode, DIM)
-        prepared.lookups[source] = {name: table.lookup(s) for name, s in splits.items()}
-    stats["prepare_s"] = round(time.monotonic() - started, 1)
-    stats["drift"] = drift is not None
-    return prepared
-
-
-class _BytesStore(MutableMapping):
-    """bytes -> bytes in SQLite: the drift rule's item vectors, kept between runs (the
-    ItemVectors store re-encodes an item only when its text changed)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=60)
-        self.db.execute("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB)")
-
-    def __getitem__(self, key):
-        row = self.db.execute("SELECT v FROM kv WHERE k = ?", (bytes(key),)).fetchone()
-        if row is None:
-            raise KeyError(key)
-        return row[0]
-
-    def __setitem__(self, key, value):
-        self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (bytes(key), bytes(value)))
-        self.db.commit()
-
-    def __delitem__(self, key):
-        self.db.execute("DELETE FROM kv WHERE k = ?", (bytes(key),))
-        self.db.commit()
-
-    def __iter__(self):
-        return iter([row[0] for row in self.db.execute("SELECT k FROM kv")])
-
-    def __len__(self):
-        return self.db.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
-
-
-def _drift_rule(settings, catalog: Catalog, histories):
-    from streams.drift import DriftRule, ItemVectors
-    vectors = ItemVectors(_BytesStore(Path(settings.home) / "cache" / "item-vectors.sqlite"))
-    used = {i for h in histories for i in h.item_ids}
-    vectors.put_texts({i: catalog.text[i] for i in used if i in catalog.text})
-    return DriftRule.from_settings(settings, vectors)
-
-
-# --- tensors and batches ----------------------------------------------------------------------
-class SplitTensors:
-    """One split as tensors, with the summary-vector indices of one source (or none)."""
-
-    def __init__(self, samples: Samples, lookup: tuple | None, matrix: np.ndarray | None):
-        self.n = len(samples)
-        self.item = torch.from_numpy(samples.item)
-        self.hist = torch.from_numpy(samples.hist)
-        self.hist_rating_np = samples.hist_rating
-        self.label = torch.from_numpy(samples.label)
-        self.user = samples.user
-        self.parts = torch.from_numpy(lookup[0]) if lookup is not None else None
-        self.cascaded = torch.from_numpy(lookup[1]) if lookup is not None else None
-        self.matrix = torch.from_numpy(matrix) if matrix is not None else None
-
-    def batch(self, idx: np.ndarray, rating_dropout: float = 0.0,
-              rng: np.random.Generator | None = None) -> dict:
-        ratings = self.hist_rating_np[idx]
-        if rating_dropout and rng is not None:
-            ratings = ctr_data.unknown_ratings(ratings, rating_dropout, rng)
-        t = torch.from_numpy(idx)
-        out = {"item": self.item[t], "hist": self.hist[t],
-               "hist_rating": torch.from_numpy(np.ascontiguousarray(ratings)),
-               "label": self.label[t]}
-        if self.parts is not None:
-            parts, cascaded = self.parts[t], self.cascaded[t]
-            out.update(parts=self.matrix[parts], part_mask=parts > 0,
-                       cascaded=self.matrix[cascaded], cascaded_mask=cascaded > 0)
-        return out
 
 
 @dataclass

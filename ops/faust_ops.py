@@ -1,6 +1,8 @@
 """Operations hooks of the Faust stream worker: a sensor (records in/out, rebalances) and a
 recovery watcher (progress gauges and log lines with an estimate). `attach(app)` installs both;
-nothing here touches the processing path beyond a dict add per record."""
+nothing here touches the processing path beyond a dict add per record. The Faust hooks used
+here (sensor methods, app.tables.recovery, app.assignor) are checked with the stream worker's
+in tests/streams/test_faust_compat.py."""
 from __future__ import annotations
 
 import logging

@@ -68,14 +68,12 @@ class LagReader:
     (no consumer group of its own, so it never joins or disturbs the groups it watches)."""
 
     def __init__(self, settings, client_id: str | None = None):
-        from kafka import KafkaAdminClient, KafkaConsumer
-        kafka = dict(bootstrap_servers=settings.bootstrap_servers,
-                     client_id=client_id or f"{settings.app_id}-lag",
-                     **settings.kafka_client_options())
-        self.admin = KafkaAdminClient(**kafka)
-        self.consumer = KafkaConsumer(enable_auto_commit=False, allow_auto_create_topics=False,
-                                      fetch_max_wait_ms=100, max_poll_records=1,
-                                      auto_offset_reset="none", **kafka)
+        from core.kafka import make_admin, make_consumer
+        client_id = client_id or f"{settings.app_id}-lag"
+        self.admin = make_admin(settings, client_id=client_id)
+        self.consumer = make_consumer(settings, client_id=client_id, enable_auto_commit=False,
+                                      allow_auto_create_topics=False, fetch_max_wait_ms=100,
+                                      max_poll_records=1, auto_offset_reset="none")
         self._timestamps: dict[tuple, float] = {}
 
     def close(self) -> None:

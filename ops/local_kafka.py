@@ -28,6 +28,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.kafka import make_admin
+from core.settings import Settings
+
 KAFKA_VERSION = "3.9.1"
 HERE = Path(__file__).resolve().parent / "kafka"
 
@@ -313,6 +316,14 @@ class LocalKafka:
         self.stop()
         raise TimeoutError(f"kafka not healthy after {timeout}s; see {self.log_file}")
 
+    def client_settings(self) -> Settings:
+        """Settings of a client of this broker (its first SASL user, if it has SASL users)."""
+        if not self.sasl_users:
+            return Settings(bootstrap_servers=self.bootstrap)
+        user, password = next(iter(self.sasl_users.items()))
+        return Settings(bootstrap_servers=self.bootstrap, security_protocol="SASL_PLAINTEXT",
+                        sasl_mechanism="PLAIN", sasl_username=user, sasl_password=password)
+
     def healthy(self) -> bool:
         """The broker answers a metadata request (not just an open port)."""
         try:
@@ -320,16 +331,9 @@ class LocalKafka:
                 pass
         except OSError:
             return False
-        from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
-        opts = {}
-        if self.sasl_users:
-            user, password = next(iter(self.sasl_users.items()))
-            opts = dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
-                        sasl_plain_username=user, sasl_plain_password=password)
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000,
-                                     **opts)
+            admin = make_admin(self.client_settings(), request_timeout_ms=3000)
             try:
                 admin.describe_cluster()
                 return True
@@ -456,8 +460,7 @@ class LocalKafkaCluster:
             node.stop(timeout, log=log)
 
     def _admin(self):
-        from kafka import KafkaAdminClient
-        return KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        return make_admin(Settings(bootstrap_servers=self.bootstrap), request_timeout_ms=5000)
 
     def _poll(self, what: str, probe, timeout: float):
         """probe() until it returns something true; KafkaError/OSError count as not yet."""
@@ -531,7 +534,6 @@ def _reap(pid: int) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - thin script entry for ops/kafka.sh
-    from core.settings import Settings
     settings = Settings.load()
     broker = LocalKafka(settings.home, Path(settings.home) / "broker", port=9092, detached=True)
     {"start": broker.start, "stop": broker.stop}[sys.argv[1]]()

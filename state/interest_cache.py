@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
+from core.kafka import make_consumer
 from core.settings import Settings
 from core.records import InterestVector, InvalidRecord, decode
 from core.topics import USER_INTERESTS
@@ -79,9 +80,8 @@ class InterestCache:
         self._db = Rdict(str(path), options)
         self.stats = {"applied": 0, "stale": 0, "invalid": 0, "other_model": 0, "deleted": 0}
         self._check_filter(path)
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-            client_id=f"{settings.app_id}-interest-cache", **settings.kafka_client_options())
+        self._consumer = make_consumer(settings, enable_auto_commit=False,
+                                       client_id=f"{settings.app_id}-interest-cache")
         self._partitions: list[TopicPartition] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

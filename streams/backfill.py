@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 
 from core.settings import Settings
 from core import dead_letter
+from core.kafka import aiokafka_security_options, iter_to_end, key_partition, make_admin
 from streams import ubsp
 from core.records import ACTIONS, MAX_ID_LEN, MAX_TEXT_LEN
 from core.topics import BEHAVIORS, ITEMS, PARTITIONS_CLOSED, create_topics, dlq
@@ -256,8 +257,8 @@ def partition_value(part: ubsp.Closed, text_of: Callable[[str], str], *,
     (same keys, order and separators), built without dataclasses.asdict's deep copies. With
     `max_bytes` (the worker's max_payload_bytes), the bytes of `encode_within(max_bytes)`: what
     the worker would publish for the same partition."""
-    events = [{"event_id": e[0], "item_id": e[1], "action": e[2], "ts": e[3], "value": e[4],
-               "text": text_of(e[1])} for e in part.events]
+    events = [{"event_id": e.event_id, "item_id": e.item_id, "action": e.action, "ts": e.ts, "value": e.value,
+               "text": text_of(e.item_id)} for e in part.events]
     record = {"schema": "partition/1", "user_id": part.user_id, "seq": part.seq, "events": events,
               "start_ts": part.start_ts, "end_ts": part.end_ts, "reason": part.reason}
     raw = json.dumps(record, ensure_ascii=False, separators=(",", ":"),
@@ -277,10 +278,7 @@ def state_value(state: dict) -> bytes:
 
 # --- Kafka side ----------------------------------------------------------------------------------
 def _admin(settings: Settings):
-    from kafka import KafkaAdminClient
-    return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
-                            client_id=f"{settings.app_id}-backfill",
-                            **settings.kafka_client_options())
+    return make_admin(settings, client_id=f"{settings.app_id}-backfill")
 
 
 def _retrying(call, timeout: float = 30.0):
@@ -349,45 +347,23 @@ def ensure_changelog(settings: Settings, admin, name: str, partitions: int) -> N
                               f"{partitions}: a worker could not recover this state")
 
 
-def key_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives `key` among `partitions`: kafka-python's
-    DefaultPartitioner (and aiokafka's, and the Java client's) is murmur2(key) & 0x7fffffff mod n."""
-    from kafka.partitioner.default import murmur2
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
 def read_compacted(settings: Settings, topic: str, timeout: float = 60.0) -> dict[bytes, bytes]:
     """key -> latest value of a topic, read once from the beginning to the current end."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             client_id=f"{settings.app_id}-backfill-reader",
-                             enable_auto_commit=False, isolation_level="read_committed",
-                             **settings.kafka_client_options())
+    out: dict[bytes, bytes] = {}
+    records = iter_to_end(settings, topic, timeout=timeout, max_records=10_000,
+                          client_id=f"{settings.app_id}-backfill-reader",
+                          isolation_level="read_committed")
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return {}
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out: dict[bytes, bytes] = {}
-        deadline = time.monotonic() + timeout
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise BackfillRefused(f"reading {topic} took longer than {timeout}s")
-            for records in consumer.poll(timeout_ms=500, max_records=10_000).values():
-                for record in records:
-                    if record.key is None:
-                        continue
-                    if record.value is None:
-                        out.pop(record.key, None)
-                    else:
-                        out[record.key] = record.value
-        return out
-    finally:
-        consumer.close()
+        for record in records:
+            if record.key is None:
+                continue
+            if record.value is None:
+                out.pop(record.key, None)
+            else:
+                out[record.key] = record.value
+    except TimeoutError:
+        raise BackfillRefused(f"reading {topic} took longer than {timeout}s") from None
+    return out
 
 
 def read_item_texts(settings: Settings) -> dict[str, str]:
@@ -403,18 +379,6 @@ def read_item_texts(settings: Settings) -> dict[str, str]:
             continue
         texts[item.item_id] = item.text()
     return texts
-
-
-def _aiokafka_options(settings: Settings) -> dict:
-    opts: dict = {"security_protocol": settings.security_protocol}
-    if settings.security_protocol.startswith("SASL"):
-        opts.update(sasl_mechanism=settings.sasl_mechanism,
-                    sasl_plain_username=settings.sasl_username,
-                    sasl_plain_password=settings.sasl_password)
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-        opts["ssl_context"] = create_ssl_context(cafile=settings.ssl_cafile or None)
-    return opts
 
 
 async def _produce(settings: Settings, records) -> int:
@@ -433,7 +397,7 @@ async def _produce(settings: Settings, records) -> int:
                                 client_id=f"{settings.app_id}-backfill", acks="all",
                                 enable_idempotence=True, linger_ms=20,
                                 max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024,
-                                **_aiokafka_options(settings))
+                                **aiokafka_security_options(settings))
     await producer.start()
     try:
         futures = []

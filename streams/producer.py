@@ -1,8 +1,7 @@
 """A small producer API for services that emit behaviour events and catalogue items."""
 from __future__ import annotations
 
-from kafka import KafkaProducer
-
+from core.kafka import make_producer
 from core.settings import Settings
 from core.records import BehaviorEvent, Item
 from core.topics import BEHAVIORS, ITEMS
@@ -21,9 +20,8 @@ class BehaviorProducer:
         options = dict(acks="all", linger_ms=20, batch_size=512 * 1024, retries=10,
                        enable_idempotence=True, max_in_flight_requests_per_connection=5)
         options.update(producer_options)
-        self._producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers,
-                                       client_id=f"{settings.app_id}-producer",
-                                       **settings.kafka_client_options(), **options)
+        self._producer = make_producer(settings, client_id=f"{settings.app_id}-producer",
+                                       **options)
         self._behaviors = settings.topic(BEHAVIORS)
         self._items = settings.topic(ITEMS)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from streams.ubsp import CloseRules
+from streams.ubsp import CloseRules, UserState
 
 
 class QuietUsers:
@@ -25,11 +25,12 @@ class QuietUsers:
         if ts > self.watermark.get(partition, float("-inf")):
             self.watermark[partition] = ts
 
-    def track(self, partition: int, key: bytes, state: dict) -> None:
-        """Record whether this user has an open cache (first and last event time)."""
+    def track(self, partition: int, key: bytes, state: UserState) -> None:
+        """Record whether this user has an open cache (first and last event time). Its rows
+        must be EventRows (`ubsp.from_stored` for a state read from storage)."""
         events = state["events"]
         if events:
-            times = [e[3] for e in events]
+            times = [e.ts for e in events]
             self.open[partition][key] = (min(times), max(times))
         else:
             self.open[partition].pop(key, None)

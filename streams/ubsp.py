@@ -1,9 +1,14 @@
 """UBSP: cut one user's behaviour stream into partitions. Pure logic, no Kafka, no I/O.
 
-A user's state is a small JSON-able dict (it lives in a RocksDB-backed Faust table):
+A user's state is a small JSON-able dict (it lives in a RocksDB-backed Faust table), see
+`UserState`:
 
     {"seq": next partition number, "events": open cache [[event_id, item_id, action, ts, value]],
      "recent": last event ids (duplicate filter), "watermark": max event time seen}
+
+Event rows are `EventRow` named tuples; JSON writes a tuple as a list, so the stored state is
+the same as before rows had names. A state read back from storage has plain lists: pass it
+through `from_stored` before these functions read its rows by name.
 
 Close rules, checked in this order, any one closes (the reason is recorded):
   max_gap   - the new event comes more than `max_gap_s` after the cache's last event: the cache
@@ -20,9 +25,39 @@ is an event at or before `backfill_until` (history already loaded by `liber back
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple, NotRequired, TypedDict
 
 ACCEPTED, DUPLICATE, LATE = "accepted", "duplicate", "late"
+
+
+class EventRow(NamedTuple):
+    """One event of an open cache or a closed partition, stored as a 5-element JSON list."""
+    event_id: str
+    item_id: str
+    action: str
+    ts: float
+    value: float | None
+
+
+class UserState(TypedDict):
+    """The keys of a user's state (a plain dict at run time: this is its stored JSON)."""
+    seq: int  # the number the next closed partition gets
+    events: list[EventRow]  # the open cache, in arrival order
+    recent: list[str]  # the last `dedup_window` event ids (duplicate filter)
+    watermark: float | None  # the newest event time seen
+    offset: NotRequired[int]  # the worker's: input offset of the last event applied
+    backfill_until: NotRequired[float]  # `liber backfill`'s: events at or before are loaded
+
+
+def as_rows(events) -> list[EventRow]:
+    """Rows as EventRows, from JSON lists or EventRows."""
+    return [row if type(row) is EventRow else EventRow(*row) for row in events]
+
+
+def from_stored(state: dict) -> UserState:
+    """A state as storage returns it (rows as JSON lists) with its rows as EventRows, in place."""
+    state["events"] = as_rows(state["events"])
+    return state
 
 
 @dataclass(frozen=True)
@@ -42,34 +77,38 @@ class CloseRules:
 
 @dataclass(frozen=True)
 class Closed:
-    """A partition that just closed: events are [event_id, item_id, action, ts, value] rows."""
+    """A partition that just closed: its events in time order."""
     user_id: str
     seq: int
-    events: list
+    events: list[EventRow]
     reason: str
+
+    def __post_init__(self):  # rows given as lists (read back from storage) get their names
+        if not all(type(row) is EventRow for row in self.events):
+            object.__setattr__(self, "events", as_rows(self.events))
 
     @property
     def start_ts(self) -> float:
-        return self.events[0][3]
+        return self.events[0].ts
 
     @property
     def end_ts(self) -> float:
-        return self.events[-1][3]
+        return self.events[-1].ts
 
 
-def new_state() -> dict:
+def new_state() -> UserState:
     return {"seq": 0, "events": [], "recent": [], "watermark": None}
 
 
-def _close(user_id: str, state: dict, reason: str) -> Closed:
-    events = sorted(state["events"], key=lambda e: e[3])  # stable: arrival order on ties
+def _close(user_id: str, state: UserState, reason: str) -> Closed:
+    events = sorted(state["events"], key=lambda e: e.ts)  # stable: arrival order on ties
     closed = Closed(user_id, state["seq"], events, reason)
     state["seq"] += 1
     state["events"] = []
     return closed
 
 
-def add_event(state: dict, user_id: str, event_id: str, item_id: str, action: str, ts: float,
+def add_event(state: UserState, user_id: str, event_id: str, item_id: str, action: str, ts: float,
               value: float | None, rules: CloseRules,
               drift: Callable[[list[str], str], bool] | None = None) -> tuple[str, list[Closed]]:
     """Apply one event to `state` in place; returns (outcome, partitions closed by it).
@@ -77,7 +116,7 @@ def add_event(state: dict, user_id: str, event_id: str, item_id: str, action: st
     until = state.get("backfill_until")
     if until is not None and ts <= until:
         return DUPLICATE, []
-    if event_id in state["recent"] or any(e[0] == event_id for e in state["events"]):
+    if event_id in state["recent"] or any(e.event_id == event_id for e in state["events"]):
         return DUPLICATE, []
     watermark = state["watermark"]
     if watermark is not None and ts < watermark - rules.max_lateness_s:
@@ -85,13 +124,13 @@ def add_event(state: dict, user_id: str, event_id: str, item_id: str, action: st
     closed: list[Closed] = []
     cache = state["events"]
     if cache:
-        if ts - max(e[3] for e in cache) > rules.max_gap_s:
+        if ts - max(e.ts for e in cache) > rules.max_gap_s:
             closed.append(_close(user_id, state, "max_gap"))
-        elif ts - min(e[3] for e in cache) > rules.max_span_s:
+        elif ts - min(e.ts for e in cache) > rules.max_span_s:
             closed.append(_close(user_id, state, "max_span"))
-        elif drift is not None and drift([e[1] for e in cache], item_id):
+        elif drift is not None and drift([e.item_id for e in cache], item_id):
             closed.append(_close(user_id, state, "drift"))
-    state["events"].append([event_id, item_id, action, ts, value])
+    state["events"].append(EventRow(event_id, item_id, action, ts, value))
     state["watermark"] = ts if watermark is None else max(watermark, ts)
     recent = state["recent"]
     recent.append(event_id)
@@ -102,13 +141,13 @@ def add_event(state: dict, user_id: str, event_id: str, item_id: str, action: st
     return ACCEPTED, closed
 
 
-def sweep(state: dict, user_id: str, now_event_time: float, rules: CloseRules) -> Closed | None:
+def sweep(state: UserState, user_id: str, now_event_time: float, rules: CloseRules) -> Closed | None:
     """Close a quiet user's cache once event time has moved past its gap or span limit."""
     cache = state["events"]
     if not cache:
         return None
-    if now_event_time - max(e[3] for e in cache) > rules.max_gap_s:
+    if now_event_time - max(e.ts for e in cache) > rules.max_gap_s:
         return _close(user_id, state, "max_gap")
-    if now_event_time - min(e[3] for e in cache) > rules.max_span_s:
+    if now_event_time - min(e.ts for e in cache) > rules.max_span_s:
         return _close(user_id, state, "max_span")
     return None

@@ -4,13 +4,15 @@ Crash safety: Faust writes the local RocksDB store at once but sends the matchin
 record later, so after a crash the local store may hold writes that never reached Kafka. A
 clean stop leaves a marker; a start without it discards the local store and rebuilds it from
 the changelog, the durable truth. (Replayed input is then skipped by the per-user offset kept
-in the state, see streams/app.py.)
+in the state, see streams/ubsp_agent.py.)
 
-A start or a rebalance that wedges (seen on a three-node cluster: a worker silent after
-"Recovery: Starting..." for good) is cut short by `RebalanceWatchdog`: a worker without
+A start or a rebalance that wedges is cut short by `RebalanceWatchdog`: a worker without
 progress for REBALANCE_STALL_S exits non-zero, for its supervisor to restart (a hung worker is
-worse than a crashed one). Creating Faust's changelogs ahead of Faust was tried against that
-hang and made it more frequent, not less.
+worse than a crashed one). Two wedges were seen: a worker silent after "Recovery: Starting..."
+for good (three-node cluster), and a worker that, after a peer's death started a rebalance,
+stopped heartbeating and never joined again, so its group stayed empty while its event loop
+idled (single broker, two workers). Creating Faust's changelogs ahead of Faust was tried
+against the first and made it more frequent, not less.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ STALLED_EXIT = 75  # EX_TEMPFAIL: try again
 class RebalanceWatchdog(threading.Thread):
     """Exits the process (STALLED_EXIT) when the start, up to the end of the first rebalance,
     or a later rebalance has gone REBALANCE_STALL_S without ending and without recovery
-    progress. A thread, not a task: it must fire even when the event loop is the thing that is
+    progress, or when the consumer has been no live member of its group (no heartbeats) for
+    as long. A thread, not a task: it must fire even when the event loop is the thing that is
     stuck. Installed as a Faust sensor's rebalance hooks."""
 
     def __init__(self, app, stall_s: float = REBALANCE_STALL_S, every_s: float = 5.0,
@@ -44,6 +47,7 @@ class RebalanceWatchdog(threading.Thread):
         # armed from the start: the worker must get through its first rebalance too
         self.since: float | None = time.monotonic()  # oldest start not ended, or last progress
         self._remaining = None
+        self.not_member_since: float | None = None  # a started consumer with no heartbeats
         self._halt = threading.Event()
 
     def started(self) -> None:
@@ -55,10 +59,24 @@ class RebalanceWatchdog(threading.Thread):
 
     def check(self, now: float) -> bool:
         """True when the worker is stuck (then it has logged why)."""
+        from streams.faust_compat import group_member_alive, recovery_remaining
+        try:
+            member = group_member_alive(self.app)
+        except Exception:  # noqa: BLE001 - a sample racing the consumer thread: no verdict
+            member = None
+        if member is False:
+            self.not_member_since = self.not_member_since or now
+            if now - self.not_member_since >= self.stall_s:
+                logs.event(log, "group_membership_lost", logging.ERROR,
+                           seconds=round(now - self.not_member_since),
+                           action="exit for a restart")
+                return True
+        else:
+            self.not_member_since = None
         if self.since is None:
             return False
         try:
-            remaining = int(self.app.tables.recovery.active_remaining_total())
+            remaining = recovery_remaining(self.app)  # Faust: only once running
         except Exception:  # noqa: BLE001 - a sample racing the event loop: not progress
             remaining = self._remaining
         if remaining != self._remaining:  # recovery read records: progress

@@ -30,6 +30,17 @@ def kafka(tmp_path_factory):
     broker.stop(log=lambda m: None)
 
 
+@pytest.fixture(scope="session")
+def sasl_kafka(tmp_path_factory):
+    """A second broker whose only listener takes SASL/PLAIN users `admin` and `liber`
+    (passwords `admin-pw`, `liber-pw`)."""
+    broker = LocalKafka(base_settings().home, tmp_path_factory.mktemp("sasl-kafka"),
+                        port=free_port(), sasl_users={"admin": "admin-pw", "liber": "liber-pw"})
+    broker.start(log=lambda m: None)
+    yield broker
+    broker.stop(log=lambda m: None)
+
+
 @pytest.fixture
 def settings(kafka, tmp_path) -> Settings:
     """Isolated by topic prefix, consumer group and state directory."""

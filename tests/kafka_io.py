@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import time
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
+from core.kafka import make_consumer
 from core.settings import Settings
 
 
@@ -12,10 +13,10 @@ def read_topic(settings: Settings, logical: str, *, expect: int | None = None,
                timeout: float = 60.0, idle: float = 2.0, settle: float = 0.5) -> list:
     """All records of a topic from the beginning: until `expect` arrived and then `settle`
     seconds pass without a new one (so an exact count sees extra records), or `idle` seconds
-    pass without a new one (when `expect` is None), or `timeout`."""
+    pass without a new one (when `expect` is None), or `timeout`. Unlike core.kafka.read_to_end
+    it waits for records still being written (a worker's output)."""
     name = settings.topic(logical)
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False, consumer_timeout_ms=200,
+    consumer = make_consumer(settings, enable_auto_commit=False, consumer_timeout_ms=200,
                              isolation_level="read_committed")
     try:
         deadline = time.monotonic() + timeout

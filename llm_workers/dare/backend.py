@@ -1,4 +1,4 @@
-"""DARE inside the LLM worker's transformers backend (`LIBER_LLM_DARE=1`, see backends.py).
+"""DARE inside the LLM worker's transformers backend (`LIBER_LLM_DARE=1`, see backends/transformers.py).
 
 The backend hands over a call's rendered prompts (token ids), each with its logits processors
 (repetition penalty, `LineGuide`); they are decoded together (`DareDecoder.generate_batch`).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Sequence
 
-from llm_workers.dare.decoder import DareDecoder, Generation
+from llm_workers.dare.decoder import DareDecoder, DraftedGeneration
 from llm_workers.dare.engine import check_settings, open_pools
 from llm_workers.dare.metrics import DareStats
 from llm_workers.dare.pools import PoolStore
@@ -59,7 +59,7 @@ class BackendDare:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  logits_processors: Sequence[Callable | None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list[Generation]:
+                 should_stop: Callable[[], bool] | None = None) -> list[DraftedGeneration]:
         """Decode a batch of prompts (token ids) together; every generation that ran to its
         end is fed into its pools."""
         pools = [self.pools(p) for p in prompts]

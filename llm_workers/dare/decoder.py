@@ -46,7 +46,8 @@ CONTEXT_POOL = "context"
 
 
 @dataclass
-class Generation:
+class DraftedGeneration:
+    """One answer of the DARE decoder, with how much of it came from accepted drafts."""
     tokens: list[int]                 # generated tokens (an end token, if produced, included)
     drafted: list[bool]               # per token: True when it came from an accepted draft
     steps: int = 0                    # forward passes after the prefill
@@ -90,7 +91,7 @@ class DareDecoder:
     # --- the loop -----------------------------------------------------------------------
     def generate(self, prompt: Sequence[int], pools: Sequence[str] = (), max_new_tokens: int = 128,
                  feed: bool = False, logits_processor: Callable | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Generation:
+                 should_stop: Callable[[], bool] | None = None) -> DraftedGeneration:
         """Greedy-family decoding of one prompt; `feed` adds the result to `pools` after.
         `should_stop` is asked before every step; when it says yes the generation ends there,
         unfinished (a time limit, a closing backend)."""
@@ -101,7 +102,7 @@ class DareDecoder:
     def generate_batch(self, prompts: Sequence[Sequence[int]],
                        pools: Sequence[Sequence[str]] | None = None, max_new_tokens: int = 128,
                        feed: bool = False, logits_processors: Sequence[Callable | None] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> list[Generation]:
+                       should_stop: Callable[[], bool] | None = None) -> list[DraftedGeneration]:
         """Several prompts stepped together (one forward pass per step for all rows).
 
         Prompts are left-padded. Each step every unfinished row feeds its last token and its
@@ -267,7 +268,7 @@ class _Row:
             room = len(prompt) + max_new_tokens + (decoder.draft_len if drafting else 0) + 1
             self.seq = torch.empty((1, room), dtype=torch.long, device=decoder.device)
             self.seq[0, :len(prompt)] = torch.tensor(prompt)
-        self.gen: Generation | None = None
+        self.gen: DraftedGeneration | None = None
         self.own = self.own_id = self.extra = None
 
     def start(self, logits: torch.Tensor) -> None:
@@ -277,7 +278,7 @@ class _Row:
             scores = self.processor(self.seq[:, :len(self.prompt)],
                                     logits.to(torch.float32, copy=True))
         self.last = int(scores[0].argmax())
-        self.gen = Generation([self.last], [False], pools=list(self.pools))
+        self.gen = DraftedGeneration([self.last], [False], pools=list(self.pools))
         self.context = self.prompt + [self.last]
         if self.seq is not None:
             self.seq[0, len(self.prompt)] = self.last

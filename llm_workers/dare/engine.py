@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from llm_workers.dare.decoder import DareDecoder, Generation
+from llm_workers.dare.decoder import DareDecoder, DraftedGeneration
 from llm_workers.dare.metrics import DareStats
 from llm_workers.dare.pools import PoolConfig, PoolStore
 from llm_workers.dare.routing import PoolRouter, kmeans
@@ -85,7 +85,8 @@ class DareEngine:
         return router.pools(user_vector or [], item_groups)
 
     def generate(self, prompt: Sequence[int], user_vector: Sequence[float] | None,
-                 item_groups: Sequence[Sequence[str]], max_new_tokens: int = 128) -> Generation:
+                 item_groups: Sequence[Sequence[str]],
+                 max_new_tokens: int = 128) -> DraftedGeneration:
         pools = self.pools_for(user_vector, item_groups)
         return self.decoder.generate(prompt, pools, max_new_tokens, feed=True)
 

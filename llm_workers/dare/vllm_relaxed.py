@@ -18,7 +18,7 @@ the first rejection takes the model's own argmax, as in our decoder (llm_workers
 same rule: in the top k and probability > min_prob). Bonus tokens are sampled from other rows
 and are not touched; sampling (non-greedy) requests are left to vLLM's lossless rule.
 
-Tested against vLLM 0.32.0; tests/llm_workers/test_vllm_dare.py pins the signatures used here.
+Tested against vLLM 0.32.0; tests/llm_workers/test_vllm_hooks.py pins the signatures used here.
 """
 from __future__ import annotations
 
@@ -30,11 +30,14 @@ CONFIG_KEY = "liber_dare_relaxed"
 def relaxed_accept(target_logits: torch.Tensor, draft_ids: torch.Tensor, top_k: int = 2,
                    min_prob: float = 0.1) -> torch.Tensor:
     """Per draft position: True when the draft token is in the top k of softmax(logits) and its
-    probability exceeds min_prob. target_logits [n, vocab], draft_ids [n] -> bool [n]."""
+    probability exceeds min_prob. target_logits [n, vocab], draft_ids [n] -> bool [n].
+    A negative id is vLLM's placeholder for a draft not proposed (seen after an aborted
+    request): never accepted."""
     probs = torch.softmax(target_logits.float(), dim=-1)
-    ids = draft_ids.long()[:, None]
+    real = draft_ids >= 0
+    ids = draft_ids.long().clamp(min=0)[:, None]
     in_top = (probs.topk(top_k, dim=-1).indices == ids).any(dim=-1)
-    return in_top & (probs.gather(1, ids)[:, 0] > min_prob)
+    return real & in_top & (probs.gather(1, ids)[:, 0] > min_prob)
 
 
 def promote(target_logits: torch.Tensor, draft_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,18 @@ import hashlib
 import time
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
-from kafka.partitioner.default import murmur2
 from prometheus_client import REGISTRY
 
-from llm_workers.fault_backend import FaultyBackend
+from core.activity import Activity
+from llm_workers.backends.fault import FaultyBackend
 from llm_workers import backends, prompts
-from llm_workers.prompts import Activity
 from llm_workers.service import LLMWorker
 from llm_workers.state import Store
 from core import dead_letter
 from core.dead_letter import DETAIL, REASON, SOURCE_OFFSET, SOURCE_TOPIC
+from core.kafka import key_partition
 from streams.producer import BehaviorProducer
 from core.records import ClosedPartition, PartitionEvent, Summary, decode
 from core.topics import PARTITIONS_CLOSED, SUMMARIES, create_topics, dlq
@@ -302,7 +302,7 @@ def all_committed(worker) -> bool:
 
 def user_in_partition(partition: int, n: int = 2, prefix: str = "u") -> str:
     return next(f"{prefix}{i}" for i in range(1000)
-                if (murmur2(f"{prefix}{i}".encode()) & 0x7FFFFFFF) % n == partition)
+                if key_partition(f"{prefix}{i}".encode(), n) == partition)
 
 
 def in_process(settings, **overrides):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.clusters import cluster_of
 from llm_workers import collective, prompts
 from llm_workers.prompts import Activity, MalformedOutput, parse
 
@@ -93,10 +94,10 @@ def test_naive_and_collective_prompts():
 
 
 def test_cluster_is_the_genre_signature_of_liked_items():
-    assert collective.cluster_of(acts()) == "Action|Crime"  # only Heat is liked; ties alphabetical
-    assert collective.cluster_of([Activity("No genres", "rate", 5.0)]) == "unknown"
+    assert cluster_of(acts()) == "Action|Crime"  # only Heat is liked; ties alphabetical
+    assert cluster_of([Activity("No genres", "rate", 5.0)]) == "unknown"
     disliked = [Activity("A [Horror]", "rate", 1.0), Activity("B [Horror|War]", "rate", 2.0)]
-    assert collective.cluster_of(disliked) == "Horror|War"  # nothing liked: all items count
+    assert cluster_of(disliked) == "Horror|War"  # nothing liked: all items count
     state = collective.new_state()
     for _ in range(2):
         state = collective.add_user(state, acts())
@@ -156,3 +157,32 @@ def test_naive_prompt_drops_the_oldest_history_to_fit():
     assert count(prompts.naive_prompt(earlier[dropped - 1:], new)) > count(full) // 2  # minimal
     tiny, dropped = prompts.fit_naive_prompt(earlier, new, count, 1)
     assert dropped == 50 and "Earlier activity: none." in tiny.user  # new events always stay
+
+
+def test_v4_items_are_bare_titles_with_genres_and_decades_summed_up():
+    acts = [Activity("Game, The (1997) [Mystery|Thriller]", "rate", 5.0),
+            Activity("Heat (1995) [Action|Crime]", "rate", 4.0),
+            Activity("Psycho (1960) [Horror|Thriller]", "rate", 1.0)]
+    v4 = prompts.cascade_prompt(acts, context=None, context_kind=prompts.CONTEXT_NONE,
+                                template=prompts.COMPACT_V4)
+    assert v4.version == prompts.COMPACT_V4
+    assert 'Rated high (4-5): "The Game"; "Heat"' in v4.user
+    assert 'Rated low (1-2): "Psycho"' in v4.user
+    assert "[" not in v4.user and "1997" not in v4.user  # no per-item genres or years
+    assert "Liked genres: Action, Crime, Mystery, Thriller." in v4.user
+    assert v4.user.endswith("Released mostly in the 1990s, also the 1960s.")
+    v3 = prompts.cascade_prompt(acts, context=None, context_kind=prompts.CONTEXT_NONE,
+                                template=prompts.COMPACT_V3)
+    assert '"Game, The (1997)" [Mystery|Thriller]' in v3.user and "Released" not in v3.user
+    assert v3.sha256() != v4.sha256()
+
+
+def test_bare_title_and_release_line_edges():
+    assert prompts.bare_title("Bug's Life, A (1998)") == "A Bug's Life"
+    assert prompts.bare_title("Murder at 1600 (1997)") == "Murder at 1600"
+    assert prompts.bare_title("No year here") == "No year here"
+    assert prompts.release_line([Activity("Untitled [Drama]")]) == ""
+    naive = prompts.naive_prompt([Activity("Heat (1995) [Action]", "rate", 4.0)],
+                                 [Activity("Alien (1979) [Horror]", "rate", 2.0)],
+                                 template=prompts.COMPACT_V4)
+    assert '"Heat"' in naive.user and '"Alien"' in naive.user and "(1979)" not in naive.user

@@ -1,7 +1,8 @@
 """Scheduler: per-user order, micro-batches, solo retries, token budget, commit offsets."""
 from __future__ import annotations
 
-from llm_workers.scheduler import Job, Offsets, Scheduler, TokenBudget
+from llm_workers.scheduler import Job, Scheduler, TokenBudget
+from state.checkpoint import Offsets
 
 
 def job(user: str, t: float, weight: int = 1, seq: int = 0) -> Job:

@@ -125,6 +125,9 @@ def test_relaxed_rule_on_real_probabilities(hf_model):
     want = [float(probs[t]) > 0.1 and i < 2 for i, t in enumerate(cases.tolist())]
     assert got == want and got[3] is False and got[2] is False
     assert vllm_relaxed.relaxed_accept(logits, torch.tensor([first]), 1, 0.0).tolist() == [True]
+    # vLLM's placeholder for a draft not proposed (-1) is never accepted, and does not raise
+    assert vllm_relaxed.relaxed_accept(logits.repeat(2, 1), torch.tensor([-1, first]), 2,
+                                       0.0).tolist() == [False, True]
     # promote: the accepted draft becomes the argmax, a refused one leaves the row alone
     rows = logits.repeat(2, 1).clone()
     vllm_relaxed.promote(rows, torch.tensor([second, third]), torch.tensor([True, False]))

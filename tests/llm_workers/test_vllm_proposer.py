@@ -12,7 +12,7 @@ from llm_workers.dare import uil_prompts, vllm_proposer
 from llm_workers.dare.pools import PoolStore
 from llm_workers.dare.routing import PoolRouter
 from llm_workers.prompts import Activity
-from llm_workers.vllm_backend import render
+from llm_workers.backends.vllm import render
 from tests.conftest import base_settings
 
 VOCAB = ["Action", "Children's", "Comedy", "Crime", "Drama", "Romance", "Thriller"]

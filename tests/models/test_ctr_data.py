@@ -3,7 +3,7 @@ import numpy as np
 
 from models import ctr_data
 from models.ctr_data import Catalog, UserHistory, VectorTable
-from models.training import item_text_summaries
+from models.prepare import item_text_summaries
 from streams.ubsp import CloseRules
 
 N_ITEMS = 40

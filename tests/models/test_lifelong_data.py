@@ -60,8 +60,8 @@ def test_aggregate_vectors_use_only_closed_partitions_and_weigh_ratings():
     # the newest partition first; every vector is unit length
     assert np.allclose(np.linalg.norm(matrix[[parts[0], parts[1], cascaded]], axis=1), 1)
     events = [e for p in h.partitions[:3] for e in p.events]
-    w = np.array([e[4] - 3 for e in events])
-    v = np.stack([vectors[e[1]] for e in events])
+    w = np.array([e.value - 3 for e in events])
+    v = np.stack([vectors[e.item_id] for e in events])
     expect = (w[:, None] * v).sum(0) / np.abs(w).sum()
     assert np.allclose(matrix[cascaded], expect / np.linalg.norm(expect))
     assert table.states["u1", 3][0][1] == table.states["u1", 2][0][0]

@@ -5,13 +5,14 @@ import ipaddress
 import time
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from liber import kafka_check
+from core.kafka import make_consumer
 from core.settings import Settings
+from liber import kafka_check
 from ops import metrics
-from ops.local_kafka import LocalKafka, free_port
+from ops.local_kafka import free_port
 from streams.producer import BehaviorProducer
 from core.records import BehaviorEvent, ClosedPartition, decode
 from core.topics import PARTITIONS_CLOSED, create_topics
@@ -59,15 +60,6 @@ def test_defaults_bind_loopback_only(kafka):
     assert listening(port) == {"127.0.0.1"}
 
 
-@pytest.fixture(scope="module")
-def sasl_kafka(tmp_path_factory):
-    broker = LocalKafka(base_settings().home, tmp_path_factory.mktemp("sasl-kafka"),
-                        port=free_port(), sasl_users={"admin": "admin-pw", "liber": "liber-pw"})
-    broker.start(log=lambda m: None)
-    yield broker
-    broker.stop(log=lambda m: None)
-
-
 def sasl_settings(broker, tmp_path, password: str) -> Settings:
     return base_settings(bootstrap_servers=broker.bootstrap, topic_prefix="sasl.",
                          app_id="liber-sasl", state_dir=str(tmp_path / "state"),
@@ -85,8 +77,7 @@ def test_sasl_plain_producer_worker_and_consumer_authenticate(sasl_kafka, tmp_pa
         for i in range(2):
             producer.send(BehaviorEvent(f"s{i}", "u1", "i1", "rate", T0 + i, 4.0))
     worker.wait_metric("liber_events_in_total", 2, timeout=120)
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             enable_auto_commit=False, **settings.kafka_client_options())
+    consumer = make_consumer(settings, enable_auto_commit=False)
     try:
         tp = TopicPartition(settings.topic(PARTITIONS_CLOSED), 0)
         consumer.assign([tp])

@@ -28,7 +28,7 @@ def test_partition_value_is_exactly_the_record_encoding():
                                         ["e2", "i2", "click", 11.5, None]], "max_events")
     texts = {"i1": "Amélie (2001) [Comedy|Romance]"}
     text_of = lambda i: texts.get(i, f"item {i}")  # noqa: E731
-    record = ClosedPartition("u1", 3, tuple(PartitionEvent(*e, text_of(e[1])) for e in part.events),
+    record = ClosedPartition("u1", 3, tuple(PartitionEvent(*e, text_of(e.item_id)) for e in part.events),
                              10.0, 11.5, "max_events")
     assert backfill.partition_value(part, text_of) == record.encode()
     assert decode(ClosedPartition, record.encode(), key=b"u1") == record
@@ -74,10 +74,11 @@ def test_histories_are_sorted_per_user_and_duplicates_counted_once():
     closed, result = [], backfill.BackfillResult()
     states = backfill.partition_histories(table(rows), rules, None, closed.append, result)
     # u1 by ts, ties in file order: a(10) b(20) c(20) -> max_events; d(200) stays open
-    assert [(p.user_id, p.seq, [e[0] for e in p.events], p.reason) for p in closed] == [
+    assert [(p.user_id, p.seq, [e.event_id for e in p.events], p.reason) for p in closed] == [
         ("u1", 0, ["a", "b", "c"], "max_events")]
     assert result.accepted == 6 and result.duplicates == 2 and result.partitions == 1
-    assert states["u1"]["backfill_until"] == 200.0 and [e[0] for e in states["u1"]["events"]] == ["d"]
+    assert states["u1"]["backfill_until"] == 200.0
+    assert [e.event_id for e in states["u1"]["events"]] == ["d"]
     assert states["u2"]["backfill_until"] == 6.0 and states["u2"]["seq"] == 0
     assert states["u1"]["recent"] == ["a", "b", "c", "d"]
 
@@ -91,13 +92,7 @@ def test_changelog_topic_is_the_worker_tables_changelog():
         == "bf-name-check-ubsp-state-changelog"
 
 
-def test_key_partition_is_kafkas_murmur2():
-    # Reference hashes from the Java client's tests (Utils.murmur2, signed int32); its default
-    # partitioner takes toPositive(hash) % n, i.e. hash & 0x7fffffff.
-    java = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536}
-    for key, expected in java.items():
-        for n in (1, 2, 4, 7):
-            assert backfill.key_partition(key, n) == (expected & 0x7FFFFFFF) % n
+# key_partition (now core.kafka's, still importable from streams.backfill): tests/core/test_kafka.py
 
 
 def test_write_parquet_from_movielens(tmp_path):
@@ -128,9 +123,10 @@ def pure_run(settings, ratings) -> tuple[dict, dict]:
         ev = rating_event("ml-100k", rating)
         state = states.setdefault(ev.user_id, ubsp.new_state())
         for part in ubsp.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
-                                          ev.ts, ev.value, rules)[1]:
-            closed[(part.user_id, part.seq)] = [e[0] for e in part.events]
-    open_caches = {(u, s["seq"]): [e[0] for e in s["events"]] for u, s in states.items() if s["events"]}
+                                   ev.ts, ev.value, rules)[1]:
+            closed[(part.user_id, part.seq)] = [e.event_id for e in part.events]
+    open_caches = {(u, s["seq"]): [e.event_id for e in s["events"]]
+                   for u, s in states.items() if s["events"]}
     return closed, open_caches
 
 
@@ -291,11 +287,12 @@ def test_backfill_with_drift_then_stream(bf, start_worker):
         ev = rating_event("ml-100k", rating)
         state = states.setdefault(ev.user_id, ubsp.new_state())
         for part in ubsp.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
-                                          ev.ts, ev.value, rules, drift=rule)[1]:
-            expected[(part.user_id, part.seq)] = ([e[0] for e in part.events], part.reason)
+                                   ev.ts, ev.value, rules, drift=rule)[1]:
+            expected[(part.user_id, part.seq)] = ([e.event_id for e in part.events], part.reason)
     reasons = {reason for _, reason in expected.values()}
     assert "drift" in reasons, reasons
-    open_caches = {(u, s["seq"]): [e[0] for e in s["events"]] for u, s in states.items() if s["events"]}
+    open_caches = {(u, s["seq"]): [e.event_id for e in s["events"]]
+                   for u, s in states.items() if s["events"]}
     got, _ = closed_on_topic(settings, len(expected))
     assert_same_partitions(got, {k: ids for k, (ids, _) in expected.items()}, open_caches)
 

@@ -166,12 +166,12 @@ def test_drift_in_a_partition_stream(movies, vectors):
     state, closed = ubsp.new_state(), []
     for n, title in enumerate(titles):
         item = movies[title].item_id
-        if rule([e[1] for e in state["events"]], item):
+        if rule([e.item_id for e in state["events"]], item):
             closed.append(ubsp._close("u", state, "drift"))
         closed += ubsp.add_event(state, "u", f"e{n}", item, "rate", float(n), 4.0, rules)[1]
-    assert [(p.reason, [e[0] for e in p.events]) for p in closed] == [
+    assert [(p.reason, [e.event_id for e in p.events]) for p in closed] == [
         ("drift", [f"e{n}" for n in range(6)])]  # horror starts the next cache
-    assert [e[0] for e in state["events"]] == [f"e{n}" for n in range(6, len(titles))]
+    assert [e.event_id for e in state["events"]] == [f"e{n}" for n in range(6, len(titles))]
 
 
 def test_default_threshold_closes_a_modest_share_on_movielens_100k():

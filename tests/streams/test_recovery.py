@@ -28,10 +28,10 @@ def reference(settings) -> dict:
         ev = rating_event("ml-100k", rating)
         state = states.setdefault(ev.user_id, ubsp.new_state())
         _, closed = ubsp.add_event(state, ev.user_id, ev.event_id, ev.item_id, ev.action,
-                                          ev.ts, ev.value, rules)
+                                   ev.ts, ev.value, rules)
         for part in closed:
-            out[(part.user_id, part.seq)] = [e[0] for e in part.events]
-    open_caches = {(user, st["seq"]): [e[0] for e in sorted(st["events"], key=lambda e: e[3])]
+            out[(part.user_id, part.seq)] = [e.event_id for e in part.events]
+    open_caches = {(user, st["seq"]): [e.event_id for e in sorted(st["events"], key=lambda e: e.ts)]
                    for user, st in states.items() if st["events"]}
     return out, open_caches
 

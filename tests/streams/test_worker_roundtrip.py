@@ -8,6 +8,7 @@ import time
 import pytest
 
 from core.dead_letter import ORIGINAL_SHA256, REASON, SOURCE_TOPIC
+from core.kafka import key_partition
 from streams.producer import BehaviorProducer
 from core.records import BehaviorEvent, ClosedPartition, Item, decode
 from core.topics import BEHAVIORS, PARTITIONS_CLOSED, create_topics, dlq
@@ -79,8 +80,7 @@ def test_roundtrip_closes_partitions_and_dead_letters_bad_input(settings, start_
 
     # u2's late events move event time on u1's stream partition past u1's gap: u1's last
     # cache [a6] is then closed as quiet (see streams/quiet_users.py).
-    from kafka.partitioner.default import murmur2
-    shared = len({(murmur2(u) & 0x7FFFFFFF) % 2 for u in (b"u1", b"u2")}) == 1
+    shared = len({key_partition(u, 2) for u in (b"u1", b"u2")}) == 1
     assert shared, "the test expects u1 and u2 on one partition of two"
     closed = [decode(ClosedPartition, r.value, key=r.key)
               for r in read_topic(settings, PARTITIONS_CLOSED, expect=4)]
@@ -118,8 +118,7 @@ def test_roundtrip_closes_partitions_and_dead_letters_bad_input(settings, start_
 
 def test_quiet_user_cache_closes_when_event_time_moves_on(settings, start_worker):
     """'quiet' and 'busy' share a stream partition; only 'busy' keeps sending events."""
-    from kafka.partitioner.default import murmur2
-    assert len({(murmur2(u) & 0x7FFFFFFF) % 2 for u in (b"quiet", b"busy")}) == 1
+    assert len({key_partition(u, 2) for u in (b"quiet", b"busy")}) == 1
     settings = settings.replace(max_events=50, max_gap_s=600.0)
     create_topics(settings, log=lambda m: None)
     worker = start_worker(settings)
@@ -140,10 +139,8 @@ def test_every_worker_of_a_group_joins_every_title(settings, start_worker, tmp_p
     user on either worker gets the titles of items loaded by the other one (as a partitioned
     table, each worker only knew its own half and wrote placeholders for the rest). A changed
     title reaches both workers too, though each keeps the titles it joined in memory."""
-    from kafka.partitioner.default import murmur2
-
     def partition(key: str) -> int:
-        return (murmur2(key.encode()) & 0x7FFFFFFF) % settings.topic_partitions
+        return key_partition(key.encode(), settings.topic_partitions)
 
     items = [f"m{i}" for i in range(12)]
     users = ["alice", "bob", "carol", "dave", "erin", "frank"]

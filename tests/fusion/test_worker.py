@@ -13,11 +13,11 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 
-from llm_workers import collective
 from fusion.worker import FusionWorker
-from llm_workers.prompts import Activity
 from models.artifact import InterestModel
 from state.interest_cache import InterestCache
+from core.activity import Activity
+from core.clusters import cluster_of
 from core.dead_letter import REASON
 from streams.producer import BehaviorProducer
 from core.records import (ClosedPartition, CollectiveSummary, InterestVector, PartitionEvent,
@@ -171,8 +171,8 @@ def test_cold_users_get_their_clusters_collective_vector_until_their_own(
     stage is reached, then the topic is read back."""
     settings = settings.replace(fusion_model_dir=str(artifact))
     create_topics(settings, log=lambda m: None)
-    crime = collective.cluster_of([Activity(t, "rate", r) for t, r in zip(CRIME, [5, 4, 5])])
-    kids = collective.cluster_of([Activity(t, "rate", r) for t, r in zip(KIDS, [5, 4])])
+    crime = cluster_of([Activity(t, "rate", r) for t, r in zip(CRIME, [5, 4, 5])])
+    kids = cluster_of([Activity(t, "rate", r) for t, r in zip(KIDS, [5, 4])])
     assert crime != kids
     group = CollectiveSummary(crime, "People here love crime thrillers and heist films.", 3,
                               "smollm2", 1.7e9)
@@ -302,7 +302,7 @@ def test_a_collective_topic_created_after_the_start_is_followed(settings, artifa
     settings = settings.replace(fusion_model_dir=str(artifact))
     create_topics(settings, [SUMMARIES, PARTITIONS_CLOSED, USER_INTERESTS, dlq(SUMMARIES)],
                   log=lambda m: None)
-    crime = collective.cluster_of([Activity(t, "rate", r) for t, r in zip(CRIME, [5, 4, 5])])
+    crime = cluster_of([Activity(t, "rate", r) for t, r in zip(CRIME, [5, 4, 5])])
     worker = FusionWorker(settings, model)
     try:
         worker.step(poll_ms=200)

@@ -1,5 +1,6 @@
 import pytest
 
+from core.kafka import security_options
 from core.settings import Settings, SettingsError
 
 
@@ -41,7 +42,7 @@ def test_secrets_are_masked_and_env_round_trips():
                                   "LIBER_SASL_MECHANISM": "PLAIN", "LIBER_SASL_USERNAME": "svc",
                                   "LIBER_SASL_PASSWORD": "hunter2"})
     assert settings.summary()["sasl_password"] == "***"
-    assert settings.kafka_client_options()["sasl_plain_password"] == "hunter2"
+    assert security_options(settings)["sasl_plain_password"] == "hunter2"
     assert Settings.load(env=settings.to_env()) == settings
 
 

@@ -3,17 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.settings import Settings
 from llm_workers import backends, prompts
 from llm_workers.prompts import Activity
-
-
-@pytest.fixture(scope="module")
-def backend():
-    settings = Settings.load(env={}, llm_threads=1)
-    b = backends.create(settings)
-    yield b
-    b.close()
 
 
 def test_batched_generation_keeps_the_labelled_lines(backend):
@@ -42,19 +33,3 @@ def test_timeout_raises(backend):
                                context_kind=prompts.CONTEXT_NONE)
     with pytest.raises(backends.LLMTimeout):
         backend.generate([p], 400, timeout_s=0.05)
-
-
-def test_failure_injector_and_registry(backend):
-    failing = backends.FailureInjector(backend, fail_marker="POISON", fail_first=1)
-    p = prompts.cascade_prompt([Activity("Heat (1995)", "rate", 5.0)], context=None,
-                               context_kind=prompts.CONTEXT_NONE)
-    with pytest.raises(backends.LLMError, match="call 1"):
-        failing.generate([p], 4)
-    assert len(failing.generate([p], 4)) == 1
-    poison = prompts.cascade_prompt([Activity("POISON (1995)", "rate", 5.0)], context=None,
-                                    context_kind=prompts.CONTEXT_NONE)
-    with pytest.raises(backends.LLMError, match="POISON"):
-        failing.generate([p, poison], 4)
-    with pytest.raises(backends.BackendError, match="LIBER_LLM_BACKEND"):
-        backends.create(Settings.load(env={}, llm_backend="nope"))
-    assert {"transformers", "failing"} <= set(backends.BACKENDS)

@@ -14,14 +14,14 @@ def feed(state, events, rules=RULES, user="u"):
 
 
 def ids(part):
-    return [e[0] for e in part.events]
+    return [e.event_id for e in part.events]
 
 
 def test_max_events_closes_with_the_event():
     state = new_state()
     _, closed = feed(state, [("a", 0), ("b", 10), ("c", 20), ("d", 30)])
     assert [(p.seq, ids(p), p.reason) for p in closed] == [(0, ["a", "b", "c"], "max_events")]
-    assert [e[0] for e in state["events"]] == ["d"] and state["seq"] == 1
+    assert [e.event_id for e in state["events"]] == ["d"] and state["seq"] == 1
 
 
 def test_max_gap_closes_before_the_event():

@@ -1,0 +1,193 @@
+"""The Faust internals streams/faust_compat.py (and ops/faust_ops.py) rely on are still there
+and still behave as the workarounds assume. Each failure names the hook: after a Faust upgrade,
+fix the hook in streams/faust_compat.py, then bump its PINNED_VERSION. No broker needed."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from types import SimpleNamespace
+
+import faust
+import pytest
+from faust.types.tuples import Message
+
+from ops.faust_ops import OpsSensor
+from streams import faust_compat
+from streams.faust_compat import (GLOBAL_TABLE, QUIET_MONITOR_HOOKS, QuietMonitor,
+                                  TrackedGlobalTable, TrackedTable, filed_under)
+from streams.ubsp import EventRow
+
+
+def hook(path: str):
+    """The object at a dotted path (module, then attributes), or a failure naming it."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+            break
+        except ImportError:
+            continue
+    else:
+        pytest.fail(f"Faust hook {path}: no module of it imports")
+    for name in parts[cut:]:
+        if not hasattr(obj, name):
+            pytest.fail(f"Faust hook {path} is gone in faust-streaming "
+                        f"{faust_compat.installed_version()}: streams/faust_compat.py relies on "
+                        f"it; see its docstring for what it is used for")
+        obj = getattr(obj, name)
+    return obj
+
+
+def same_parameters(ours, theirs, name: str) -> None:
+    """An override Faust still calls with the arguments it was written for."""
+    mine = list(inspect.signature(ours).parameters)
+    faust_s = list(inspect.signature(theirs).parameters)
+    assert mine == faust_s, (f"Faust hook {name} changed its parameters from {mine} to "
+                             f"{faust_s}: update the override in streams/faust_compat.py")
+
+
+def in_app(scenario) -> None:
+    async def main():
+        app = faust.App("test-compat", broker="kafka://127.0.0.1:1", store="memory://",
+                        web_enabled=False)
+        await scenario(app)
+
+    asyncio.run(main())
+
+
+def event(app, key: bytes, value: bytes, partition: int, topic: str = "behaviors"):
+    message = Message(topic, partition, 0, 0.0, 0, [], key, value, None)
+    return faust.Event(app, key, value, [], message)
+
+
+def test_the_installed_faust_is_the_one_the_hooks_were_checked_against():
+    installed = faust_compat.installed_version()
+    assert installed == faust_compat.PINNED_VERSION, (
+        f"faust-streaming {installed} is installed, streams/faust_compat.py was checked against "
+        f"{faust_compat.PINNED_VERSION}: once this module's other tests pass, set PINNED_VERSION")
+    assert faust_compat.check_version()
+
+
+@pytest.mark.parametrize("name", QUIET_MONITOR_HOOKS)
+def test_quiet_monitor_overrides_hooks_faust_calls(name):
+    theirs = hook(f"faust.sensors.monitor.Monitor.{name}")
+    same_parameters(getattr(QuietMonitor, name), theirs, f"Monitor.{name}")
+    assert getattr(QuietMonitor, name) is not theirs
+
+
+@pytest.mark.parametrize("name", ["on_message_in", "on_send_completed", "on_rebalance_start",
+                                  "on_rebalance_end"])
+def test_ops_sensor_overrides_hooks_faust_calls(name):
+    same_parameters(getattr(OpsSensor, name), hook(f"faust.Sensor.{name}"), f"Sensor.{name}")
+
+
+@pytest.mark.parametrize("path", [
+    "faust.tables.base.Collection.send_changelog",
+    "faust.tables.base.Collection.apply_changelog_batch",
+    "faust.streams.Stream._set_current_event",
+    "faust.streams.Stream.ack",
+    "faust.streams.Stream.events",
+    "faust.streams.current_event",
+    "faust.App.consumer_generation_id",
+    "faust.App.crash",
+    "faust.tables.recovery.Recovery.active_remaining_total",
+    "faust.tables.recovery.Recovery.in_recovery",
+    "faust.assignor.PartitionAssignor.assigned_actives",
+    "mode.utils.queues.FlowControlEvent.clear",
+])
+def test_hook_exists(path):
+    hook(path)
+
+
+def test_app_state_flags_exist():
+    async def scenario(app):
+        for name in ("rebalancing", "in_recovery", "consumer_generation_id"):
+            assert hasattr(app, name), f"Faust hook App.{name} is gone"
+        assert faust_compat.settled(app) and faust_compat.consumer_generation(app) == 0
+    in_app(scenario)
+
+
+def test_table_options_make_a_global_table_with_buffers_of_one():
+    params = inspect.signature(hook("faust.tables.base.Collection.__init__")).parameters
+    for name in GLOBAL_TABLE:
+        assert name in params, f"Faust hook Collection({name}=) is gone: see GLOBAL_TABLE"
+
+    async def scenario(app):
+        table = TrackedGlobalTable(app, name="g", partitions=2, key_type=bytes,
+                                   value_type=bytes, **GLOBAL_TABLE)
+        assert (table.is_global, table.recovery_buffer_size, table.standby_buffer_size) == (
+            True, 1, 1), "Faust hook Collection(is_global=, *_buffer_size=) no longer applies"
+    in_app(scenario)
+
+
+def test_table_writes_send_changelogs_through_send_changelog_filed_under_the_event(monkeypatch):
+    """TrackedSends sees every changelog record of a table write, and filed_under makes the
+    event the one Faust's stores read (faust.streams.current_event)."""
+    sent = []
+
+    def fake_send_changelog(self, partition, key, value, key_serializer=None,
+                            value_serializer=None):
+        sent.append((partition, key, value))
+        return SimpleNamespace(message=SimpleNamespace(partition=partition))
+
+    monkeypatch.setattr(faust.tables.base.Collection, "send_changelog", fake_send_changelog)
+
+    async def scenario(app):
+        topic = app.topic("behaviors", key_type=bytes, value_type=bytes, key_serializer="raw",
+                          value_serializer="raw", partitions=2)
+        stream = app.stream(topic)
+        table = TrackedTable(app, name="t", partitions=2, key_type=bytes)
+        table.sent = []
+        first = event(app, b"k1", b"v", partition=1)
+        with filed_under(stream) as file:
+            file(first)
+            assert faust.streams.current_event() is first, (
+                "Faust hook Stream._set_current_event no longer sets faust.streams.current_event")
+            table[b"k1"] = {"events": [EventRow("e", "i", "rate", 1.0, None)]}
+        assert stream.current_event is None, "filed_under did not restore the current event"
+        assert [(p, k) for p, k, _ in sent] == [(1, b"k1")], (
+            "Faust hook Collection.send_changelog is no longer called by a table write, or "
+            "not with the current event's partition")
+        assert len(table.sent) == 1, "TrackedSends.send_changelog was bypassed"
+    in_app(scenario)
+
+
+def test_applied_changelog_records_reach_on_applied():
+    async def scenario(app):
+        table = TrackedGlobalTable(app, name="g", partitions=2, key_type=bytes,
+                                   value_type=bytes, **GLOBAL_TABLE)
+        seen = []
+        table.on_applied = seen.append
+        table.apply_changelog_batch(iter([event(app, b"i1", b"Heat", 0, "g-changelog")]))
+        assert seen == [[b"i1"]]
+        assert table.get(b"i1") == b"Heat", "Collection.apply_changelog_batch no longer applies"
+    in_app(scenario)
+    source = inspect.getsource(hook("faust.tables.recovery"))
+    assert ".apply_changelog_batch(" in source, (
+        "Faust hook Collection.apply_changelog_batch is no longer what recovery calls: "
+        "TrackedGlobalTable.on_applied would miss other workers' writes")
+
+
+def test_our_input_queue_can_be_taken_out_of_flow_control():
+    async def scenario(app):
+        topic = app.topic("behaviors", key_type=bytes, value_type=bytes, key_serializer="raw",
+                          value_serializer="raw")
+        stream = app.stream(topic)
+        queues = getattr(app.flow_control, "_queues", None)
+        assert queues is not None, "Faust hook FlowControlEvent._queues is gone (mode)"
+        assert stream.channel.queue in queues, (
+            "Faust hook FlowControlEvent._queues no longer holds the stream queues it clears")
+        queues.discard(stream.channel.queue)
+        stream.channel.queue.put_nowait(event(app, b"k", b"v", 0))
+        app.flow_control.clear()
+        assert stream.channel.queue.qsize() == 1, "FlowControlEvent.clear reached our queue"
+        assert hasattr(stream, "enable_acks"), "Faust hook Stream.enable_acks is gone"
+    in_app(scenario)
+
+
+def test_faust_json_writes_event_rows_as_the_lists_stored_before():
+    from faust.serializers import codecs
+    state = {"events": [EventRow("e", "i", "rate", 1.0, None)]}
+    assert codecs.dumps("json", state) == b'{"events":[["e","i","rate",1.0,null]]}', (
+        "Faust's json codec no longer writes a NamedTuple as a list: stored UBSP state changes")
