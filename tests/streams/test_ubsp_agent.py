@@ -76,7 +76,8 @@ class Harness:
 
 
 def cache(state: dict) -> list[str]:
-    return [row.event_id for row in state["events"]]
+    """The event ids of a stored state's open cache (rows as stored: JSON lists)."""
+    return [row.event_id for row in ubsp.as_rows(state["events"])]
 
 
 def test_a_gap_closes_the_cache_before_the_event_with_item_texts_joined():
