@@ -39,20 +39,18 @@ Who sequences what:
 - Fusion worker (fusion/worker.py): per micro-batch 1, 2, 3, 4 in `FusionWorker.process`; every
   record of a batch is finished when the batch ends, so step 4 commits after each partition's
   last record. Its restore checkpoint is part of step 1's write: no step 5.
-- Stream worker (streams/app.py, Faust, asyncio). Its state is a changelog-backed table: writing
-  state is itself a send, so that a restore sees the state at once. Outputs go first (a state
-  saying "produced" must not exist before the outputs), so it runs 2, 3, 1, 3, 4:
-  2 = `send()` / `dead_letter_send()` appending each `Outgoing` (with its source) to `sent`;
-  3 = `await make_durable(sent)`, whose `write_anyway` is its own follow-up chain (resend,
-      a cut dead letter, a headers-only one);
-  1 = `user_state[key] = state` (TrackedTable appends the changelog sends to `sent`), then
-      3 again: a changelog record Kafka refuses stops the worker (no dead letter can stand in
-      for state);
+- Stream worker (streams/app.py `checkpoint`, Faust, asyncio). Its state is a changelog-backed
+  table: writing state is itself a send, so that a restore sees the state at once. Outputs go
+  first (a state saying "produced" must not exist before the outputs), so it runs 2, 3, 1, 3, 4:
+  2 = `streams.outbox.Outbox.send` / `.dead_letter`, each `Outgoing` with its source;
+  3 = `await Outbox.make_durable()`: each send's future awaited, a refused one led through
+      `follow_up()` here (`Outbox.write_anyway`); where nothing at all can be written it stops
+      the worker instead of counting the record lost (no offset is committed past it);
+  1 = `user_state[key] = state` (TrackedTable appends the changelog sends to the same list),
+      then 3 again: a changelog record Kafka refuses stops the worker (no dead letter can
+      stand in for state);
   4 = `await ack_all(stream, batch)`: Faust commits below the oldest unacked event, which is
       what `Offsets.committable` computes here.
-  An async caller uses the I/O-free parts: `Send` records, `follow_up()` once a future has
-  failed, `dead_letter_send()`, `Offsets`, `Checkpoint.committable`; it awaits its own futures
-  and commits.
 """
 from __future__ import annotations
 
@@ -101,17 +99,21 @@ def dead_letter_send(topic_dlq: str, tp, offset: int, key, value, reason: str, d
                 tries=tries)
 
 
-def follow_up(out: Send, exc: Exception, topic_dlq: str, *,
-              name: str | None = None) -> tuple[str, Send | None]:
+def follow_up(out: Send, exc: Exception, topic_dlq, *, name: str | None = None,
+              retriable: bool | None = None) -> tuple[str, Send | None]:
     """Step 3's answer to a refused send: (outcome, the send to make next or None).
 
     Args:
         out: the send that failed.
-        exc: its error; `retriable` (Kafka's flag) decides whether it is sent again as is.
+        exc: its error.
         topic_dlq: where a dead letter of its input record goes.
         name: the topic as the dead letter's detail names it (default `out.topic`).
+        retriable: whether `exc` is worth sending the same record again (default: Kafka's
+            `retriable` flag on it); at most SEND_TRIES sends in all either way.
     """
-    if getattr(exc, "retriable", False) and out.tries < SEND_TRIES:
+    if retriable is None:
+        retriable = getattr(exc, "retriable", False)
+    if retriable and out.tries < SEND_TRIES:
         return "retried", Send(out.topic, out.key, out.value, out.headers, out.source,
                                out.letter, out.info, out.tries + 1)
     if out.letter is None and out.source is not None:

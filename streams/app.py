@@ -21,22 +21,14 @@ from ops import metrics
 from streams import drift as drift_rule
 from streams import store_memory
 from streams.faust_compat import (GLOBAL_TABLE, Batch, QuietMonitor, TrackedGlobalTable,
-                                  TrackedSends, TrackedTable, ack_all, batches, check_version,
+                                  TrackedTable, ack_all, batches, check_version,
                                   consumer_generation, filed_under, settled)
 from streams.item_texts import ItemTexts
-from streams.outbox import (PRODUCER_MAX_REQUEST, SEND_ATTEMPTS, SEND_ERROR, SEND_FAILED_REASON,
-                            Outbox, Outgoing, TooLargeForProducer, producer_max_request,
-                            record_size)
+from streams.outbox import Outbox, producer_max_request
 from streams.ubsp import CloseRules
-from streams.ubsp_agent import PROCESSING_ERROR, REPLAYED, UbspAgent
+from streams.ubsp_agent import PROCESSING_ERROR, UbspAgent
 
 log = logging.getLogger("liber.stream")
-# Importable from here as before the split into modules.
-__all__ = ["Batch", "Outgoing", "PROCESSING_ERROR", "PRODUCER_MAX_REQUEST", "QuietMonitor",
-           "REPLAYED", "SEND_ATTEMPTS", "SEND_ERROR", "SEND_FAILED_REASON", "TooLargeForProducer",
-           "TrackedGlobalTable", "TrackedSends", "TrackedTable", "ack_all", "batches",
-           "consuming_options", "create_app", "faust_broker_options", "producer_max_request",
-           "record_size"]
 
 
 def faust_broker_options(settings: Settings) -> dict:

@@ -12,15 +12,17 @@ from typing import Awaitable, Callable
 
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from kafka import TopicPartition
 
 from core import dead_letter, logs
 from core.topics import PARTITIONS_CLOSED
 from ops import metrics
+from state.checkpoint import SEND_FAILED, Send, follow_up
 
 log = logging.getLogger("liber.stream")
-SEND_FAILED_REASON = "send_failed"
 SEND_ERROR = "liber.send.error"  # header: why the record in this dead letter's place failed
-SEND_ATTEMPTS = 3  # writes of one output or dead letter before a fallback takes its place
+# follow_up's outcomes as liber_send_failed_total's `fallback` label names them
+FALLBACKS = {"dead_lettered": "cut", "resent_without_value": "headers"}
 # Faust's default; raised when max_payload_bytes asks more, since a closed partition may be
 # as large as max_payload_bytes (records.ClosedPartition.encode_within).
 PRODUCER_MAX_REQUEST = 1_000_000
@@ -134,55 +136,56 @@ class Outbox:
         await topic.send_soon(key=key, value=value, headers=headers)
 
     async def write_anyway(self, out: Outgoing, error: BaseException) -> None:
-        """Write an output or dead letter Kafka did not acknowledge, or set it aside.
+        """Write an output or dead letter Kafka did not acknowledge, or set it aside: step 3's
+        follow-ups of the checkpoint protocol (state.checkpoint.follow_up), awaited here.
 
-        The record is written once more on its own (the broker refuses a whole batch when one
-        record in it is too large), and again while the error is retriable (SEND_ATTEMPTS
-        writes in all, with a short backoff). Then, or at once when it is larger than our
-        producer accepts, a dead letter takes the record's place, in the source topic's
-        dead-letter topic (partitions.closed.dlq for a closed partition), with reason
-        `send_failed` for an output or the dead letter's own reason, and the error in the
-        `liber.send.error` header:
-        1. cut: the record's bytes bounded by dead_letter.letter() (skipped for a dead letter,
+        The record is written once more on its own whatever the error (the broker refuses a
+        whole batch when one record in it is too large), and again while the error is
+        retriable (SEND_TRIES writes in all, with a short backoff). Then, or at once when it is
+        larger than our producer accepts, a dead letter takes its place in `out.fallback` (the
+        source topic's dead-letter topic; partitions.closed.dlq for a closed partition), with
+        reason `send_failed` for an output or the dead letter's own reason, and the error in
+        the `liber.send.error` header:
+        1. cut: the record's bytes bounded by core.dead_letter (skipped for a dead letter,
            which already was);
-        2. headers only: no key, an empty value; the reason, the input record's coordinates and the
-           length and sha256 of the bytes remain, so the record is found in its source topic.
+        2. headers only: no key, an empty value; the reason, the input record's coordinates
+           and the length and sha256 of the bytes remain, so the record is found in its source
+           topic.
         Each step is logged with the input record's coordinates and counted in
         liber_send_failed_total{topic, fallback}; then the worker goes on. Only when even 2.
         fails (Kafka takes nothing) does it stop, before the batch is acked: nothing is
         committed past the record, and a restart redoes the batch."""
         name = out.topic.get_topic_name()
         src_topic, partition, offset = out.source
-        for attempt in range(1, SEND_ATTEMPTS):
-            if isinstance(error, TooLargeForProducer) or attempt > 1 and not (
-                    getattr(error, "retriable", False) or isinstance(error, asyncio.TimeoutError)):
-                break  # the first retry is always made: the broker refuses whole batches
-            log.warning("write to %s for %s@%d:%d failed (%r): retrying", name, src_topic,
-                        partition, offset, error)
-            await asyncio.sleep(0.2 * 2 ** attempt)
+        send = Send(out.topic, out.key, out.value, out.headers, letter=out.letter,
+                    source=(TopicPartition(src_topic, partition), offset, out.key, out.original))
+        while True:
+            worth_again = not isinstance(error, TooLargeForProducer) and (
+                send.tries == 1 or getattr(error, "retriable", False)
+                or isinstance(error, asyncio.TimeoutError))
+            outcome, nxt = follow_up(send, error, out.fallback, name=name,
+                                     retriable=worth_again)
+            if nxt is None:
+                break
+            if outcome == "retried":
+                log.warning("write to %s for %s@%d:%d failed (%r): retrying",
+                            send.topic.get_topic_name(), src_topic, partition, offset, error)
+                await asyncio.sleep(0.2 * 2 ** send.tries)
+            else:
+                nxt.headers.append((SEND_ERROR, repr(error)[:dead_letter.MAX_DETAIL].encode()))
+                log.error("%s for %s@%d:%d could not be written to %s: %r; a dead letter (%s) "
+                          "takes its place", "dead letter" if out.letter else "output",
+                          src_topic, partition, offset, name, error, FALLBACKS[outcome])
             try:
-                return await self.write_now(out.topic, out.key, out.value, out.headers)
-            except Exception as exc:
-                error = exc
-        reason, detail = out.letter or (SEND_FAILED_REASON, f"not written to {name}")
-        steps = [("headers", 0)] if out.letter else [("cut", dead_letter.MAX_VALUE), ("headers", 0)]
-        for fallback, limit in steps:
-            value, headers = dead_letter.letter(out.original, reason, detail, topic=src_topic,
-                                                partition=partition, offset=offset, limit=limit)
-            headers.append((SEND_ERROR, repr(error)[:dead_letter.MAX_DETAIL].encode()))
-            key = out.key if limit else None
-            log.error("%s for %s@%d:%d could not be written to %s: %r; a dead letter (%s) "
-                      "takes its place", "dead letter" if out.letter else "output", src_topic,
-                      partition, offset, name, error, fallback)
-            try:
-                await self.write_now(out.fallback, key, value, headers)
-            except Exception as exc:
-                error = exc
+                await self.write_now(nxt.topic, nxt.key, nxt.value, nxt.headers)
+            except Exception as exc:  # noqa: BLE001 - any refusal leads to the next step
+                error, send = exc, nxt
                 continue
-            metrics.SEND_FAILED.labels(topic=name, fallback=fallback).inc()
-            if out.letter is None:
-                metrics.DEAD_LETTERED.labels(topic=PARTITIONS_CLOSED,
-                                             reason=SEND_FAILED_REASON).inc()
+            if outcome != "retried":
+                metrics.SEND_FAILED.labels(topic=name, fallback=FALLBACKS[outcome]).inc()
+                if out.letter is None:
+                    metrics.DEAD_LETTERED.labels(topic=PARTITIONS_CLOSED,
+                                                 reason=SEND_FAILED).inc()
             return
         metrics.SEND_FAILED.labels(topic=name, fallback="none").inc()
         log.error("no dead letter for %s@%d:%d could be written (%r): stopping", src_topic,

@@ -7,7 +7,7 @@ import asyncio
 import faust
 from faust.types.tuples import Message
 
-from streams.app import ack_all, batches
+from streams.faust_compat import ack_all, batches
 
 
 def run(scenario) -> None:
