@@ -159,6 +159,7 @@ class Outbox:
         src_topic, partition, offset = out.source
         send = Send(out.topic, out.key, out.value, out.headers, letter=out.letter,
                     source=(TopicPartition(src_topic, partition), offset, out.key, out.original))
+        fallback = None  # the dead letter in the record's place, once there is one
         while True:
             worth_again = not isinstance(error, TooLargeForProducer) and (
                 send.tries == 1 or getattr(error, "retriable", False)
@@ -172,17 +173,18 @@ class Outbox:
                             send.topic.get_topic_name(), src_topic, partition, offset, error)
                 await asyncio.sleep(0.2 * 2 ** send.tries)
             else:
+                fallback = FALLBACKS[outcome]
                 nxt.headers.append((SEND_ERROR, repr(error)[:dead_letter.MAX_DETAIL].encode()))
                 log.error("%s for %s@%d:%d could not be written to %s: %r; a dead letter (%s) "
                           "takes its place", "dead letter" if out.letter else "output",
-                          src_topic, partition, offset, name, error, FALLBACKS[outcome])
+                          src_topic, partition, offset, name, error, fallback)
             try:
                 await self.write_now(nxt.topic, nxt.key, nxt.value, nxt.headers)
             except Exception as exc:  # noqa: BLE001 - any refusal leads to the next step
                 error, send = exc, nxt
                 continue
-            if outcome != "retried":
-                metrics.SEND_FAILED.labels(topic=name, fallback=FALLBACKS[outcome]).inc()
+            if fallback is not None:
+                metrics.SEND_FAILED.labels(topic=name, fallback=fallback).inc()
                 if out.letter is None:
                     metrics.DEAD_LETTERED.labels(topic=PARTITIONS_CLOSED,
                                                  reason=SEND_FAILED).inc()
