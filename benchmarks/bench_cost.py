@@ -54,7 +54,8 @@ def _partitions(settings: Settings, dataset: str, users: int, log):
                                    float(r.ts), r.rating, rules)
         for part in closed:
             parts.setdefault(part.user_id, []).append(
-                [Activity(text.get(e.item_id, f"item {e.item_id}"), e.action, e.value) for e in part.events])
+                [Activity(text.get(e.item_id, f"item {e.item_id}"), e.action, e.value)
+                 for e in part.events])
     open_events = sum(len(s["events"]) for s in states.values())
     log(f"{dataset}: {len(ratings)} events of {len(states)} users -> "
         f"{sum(map(len, parts.values()))} partitions ({open_events} events still open)")

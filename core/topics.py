@@ -37,13 +37,14 @@ def topic_config(name: str) -> dict[str, str]:
     return {}
 
 
-def _wait_for_leaders(admin: KafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
+def wait_for_leaders(admin: KafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
     """New topics take a moment to elect leaders; producing before that gets retries."""
     deadline = time.monotonic() + timeout
     while names and time.monotonic() < deadline:
         described = admin.describe_topics(names)
         if all(t.get("error_code", 0) == 0 and t["partitions"] and
-               all(p.get("error_code", 0) == 0 and p["leader_id"] >= 0 for p in t["partitions"]) for t in described):
+               all(p.get("error_code", 0) == 0 and p["leader_id"] >= 0
+                   for p in t["partitions"]) for t in described):
             return
         time.sleep(0.2)
 
@@ -61,7 +62,7 @@ def create_topics(settings: Settings, names: list[str] | None = None, log=print)
                 admin.create_topics(new)
             except TopicAlreadyExistsError:  # a concurrent creator won the race: fine
                 pass
-        _wait_for_leaders(admin, [settings.topic(n) for n in wanted])
+        wait_for_leaders(admin, [settings.topic(n) for n in wanted])
         for n in wanted:
             log(f"topic {settings.topic(n)}: created ({settings.topic_partitions} partitions"
                 f"{', compacted' if n in COMPACTED else ''})")

@@ -339,8 +339,8 @@ def ensure_changelog(settings: Settings, admin, name: str, partitions: int) -> N
                                           topic_configs={"cleanup.policy": "compact"})])
         except TopicAlreadyExistsError:
             pass
-        from core.topics import _wait_for_leaders
-        _wait_for_leaders(admin, [name])
+        from core.topics import wait_for_leaders
+        wait_for_leaders(admin, [name])
     have = _partition_counts(admin, [name]).get(name)
     if have != partitions:
         raise BackfillRefused(f"changelog topic {name} has {have} partitions, the input topic has "
