@@ -127,7 +127,9 @@ def show_before_after(settings: Settings, dataset: str, users: list[str], per_us
         _print(after, titles, "after the new partition's summary")
         full = ranker.scorer.score(ranker.cache.get(user)[1], history, candidates, rates)
         old = ranker.scorer.score(old_vector, history, candidates, rates)
+        moved = float(np.mean(np.abs(full - old)))
+        # a tiny artifact moves scores by 1e-5 or so: show the size, not 0.0000
         print(f"  on the same new history, the new vector alone moves the {len(candidates)} "
-              f"scores by {float(np.mean(np.abs(full - old))):.4f} on average")
+              f"scores by {moved:{'.4f' if moved >= 1e-3 else '.1e'}} on average")
     finally:
         ranker.cache.close()

@@ -38,6 +38,15 @@ def as_chat(prompt: ChatPrompt | str) -> ChatPrompt:
     return prompt if isinstance(prompt, ChatPrompt) else ChatPrompt("", prompt)
 
 
+def call_prompts(prompts, closing) -> list[ChatPrompt]:
+    """A call's prompts as chat prompts; LLMError when there are some and the backend is closing
+    (`closing`, a threading.Event set by close())."""
+    chats = [as_chat(p) for p in prompts]
+    if chats and closing.is_set():
+        raise LLMError("backend closed")
+    return chats
+
+
 class Backend:
     """Base class: one model, greedy decoding, batched calls."""
     name = "base"

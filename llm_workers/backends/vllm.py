@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from llm_workers.backends.base import (Backend, BackendError, Generation, LLMError, LLMTimeout,
-                                       as_chat, register)
+                                       as_chat, call_prompts, register)
 from llm_workers.prompts import ChatPrompt
 
 SPECULATIVE = ("off", "dare", "ngram", "suffix")
@@ -193,11 +193,9 @@ class VLLMBackend(Backend):
 
     # --- generation ---
     def generate(self, prompts, max_new_tokens, *, timeout_s=None):
-        prompts = [as_chat(p) for p in prompts]
+        prompts = call_prompts(prompts, self._closing)
         if not prompts:
             return []
-        if self._closing.is_set():
-            raise LLMError("backend closed")
         with self._lock:
             return self._generate(prompts, max_new_tokens, timeout_s)
 

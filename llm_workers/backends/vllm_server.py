@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llm_workers.backends.base import (Backend, BackendError, Generation, LLMError, LLMTimeout,
-                                       as_chat, register)
+                                       as_chat, call_prompts, register)
 from llm_workers.backends.vllm import line_regex, messages
 from llm_workers.prompts import ChatPrompt
 
@@ -97,11 +97,9 @@ class VLLMServerBackend(Backend):
         return self._call("POST", "/v1/chat/completions", body, timeout)
 
     def generate(self, prompts, max_new_tokens, *, timeout_s=None):
-        prompts = [as_chat(p) for p in prompts]
+        prompts = call_prompts(prompts, self._closing)
         if not prompts:
             return []
-        if self._closing.is_set():
-            raise LLMError("backend closed")
         start = time.perf_counter()
         timeout = timeout_s or 600.0
         futures = [self._pool.submit(self._one, p, max_new_tokens, timeout) for p in prompts]

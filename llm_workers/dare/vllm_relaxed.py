@@ -18,7 +18,8 @@ the first rejection takes the model's own argmax, as in our decoder (llm_workers
 same rule: in the top k and probability > min_prob). Bonus tokens are sampled from other rows
 and are not touched; sampling (non-greedy) requests are left to vLLM's lossless rule.
 
-Tested against vLLM 0.32.0; tests/llm_workers/test_vllm_hooks.py pins the signatures used here.
+Tested against vLLM 0.32.0; tests/llm_workers/dare/test_vllm_hooks.py pins the signatures used
+here.
 """
 from __future__ import annotations
 

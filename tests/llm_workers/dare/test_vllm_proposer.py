@@ -1,7 +1,7 @@
 """DARE's vLLM proposer without an engine: pools chosen from what a prompt carries, and feeding.
 
 The real tokenizer of SmolLM2-135M-Instruct and real RocksDB pools; the engine-side tests are in
-test_vllm_backend.py.
+tests/llm_workers/backends/test_vllm.py.
 """
 from __future__ import annotations
 
