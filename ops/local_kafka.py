@@ -459,8 +459,9 @@ class LocalKafkaCluster:
         for node in self.nodes:
             node.stop(timeout, log=log)
 
-    def _admin(self):
-        return make_admin(Settings(bootstrap_servers=self.bootstrap), request_timeout_ms=5000)
+    def _admin(self, bootstrap: str | None = None):
+        return make_admin(Settings(bootstrap_servers=bootstrap or self.bootstrap),
+                          request_timeout_ms=5000)
 
     def _poll(self, what: str, probe, timeout: float):
         """probe() until it returns something true; KafkaError/OSError count as not yet."""
@@ -486,10 +487,10 @@ class LocalKafkaCluster:
                 admin.close()
         self._poll(f"{count} brokers registered", registered, timeout)
 
-    def partitions(self, topics: list[str] | None = None) -> list[dict]:
+    def partitions(self, topics: list[str] | None = None, via: int | None = None) -> list[dict]:
         """Every partition of `topics` (default: all) as {topic, partition, leader, replicas,
-        isr}."""
-        admin = self._admin()
+        isr}, as any node sees it, or node `via` (the one its admin client bootstraps from)."""
+        admin = self._admin(self.node(via).bootstrap if via else None)
         try:
             return [{"topic": t["name"], "partition": p["partition_index"],
                      "leader": p["leader_id"], "replicas": p["replica_nodes"],
@@ -506,10 +507,12 @@ class LocalKafkaCluster:
         return counts
 
     def wait_in_sync(self, timeout: float = 120.0) -> None:
-        """Every partition has all its replicas in its ISR (a restarted node caught up)."""
+        """Every partition has all its replicas in its ISR (a restarted node caught up), as
+        every node sees it: a node's metadata may lag the others', and a later describe may
+        be answered by any of them."""
         self._poll("all replicas in sync", lambda: all(
             len(p["isr"]) == len(p["replicas"]) and p["leader"] >= 0
-            for p in self.partitions()), timeout)
+            for node in self.nodes for p in self.partitions(via=node.node_id)), timeout)
 
     def active_controller(self, timeout: float = 60.0) -> int:
         """Node id of the active KRaft controller (the metadata quorum's leader)."""
