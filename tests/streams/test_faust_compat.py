@@ -191,3 +191,16 @@ def test_faust_json_writes_event_rows_as_the_lists_stored_before():
     state = {"events": [EventRow("e", "i", "rate", 1.0, None)]}
     assert codecs.dumps("json", state) == b'{"events":[["e","i","rate",1.0,null]]}', (
         "Faust's json codec no longer writes a NamedTuple as a list: stored UBSP state changes")
+
+
+def test_the_consumer_attributes_group_member_alive_reads_are_still_there():
+    """group_member_alive follows app._consumer._thread._consumer._coordinator._heartbeat_task;
+    an upgrade that renames one would silently turn the watchdog's membership check off."""
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+    assert "self._heartbeat_task = None" in inspect.getsource(GroupCoordinator.__init__)
+    assert "self._consumer = " in inspect.getsource(AIOKafkaConsumerThread)
+    delegate = hook("faust.transport.consumer.ThreadDelegateConsumer")
+    assert "self._thread = " in inspect.getsource(delegate)
+    assert "self._coordinator = " in inspect.getsource(hook("aiokafka.AIOKafkaConsumer"))
+    assert faust_compat.group_member_alive(SimpleNamespace(_consumer=None)) is None
