@@ -53,7 +53,8 @@ def run(args) -> dict:
     from streams import movielens
     from streams.replay import movie_item
 
-    base = Settings.load(llm_threads=1)
+    # the transformers backend whatever the default (DARE here is the in-process decoder's)
+    base = Settings.load(llm_threads=1, llm_backend="transformers")
     max_new = args.max_new_tokens or base.llm_max_new_tokens
     data_dir = Path(base.home) / "data"
     ratings = movielens.load_ratings(data_dir, "ml-1m")

@@ -15,7 +15,11 @@ configuration, in one run, one after the other:
 - the summaries' quality figures (models/summary_quality.py) and three example answers.
 
 `old_default` is the worker's configuration before this benchmark existed: transformers,
-float32, template uil-kar-v2, calls of 8, 160 answer tokens, no n-gram block.
+float32, template uil-kar-v2, calls of 8, 160 answer tokens, no n-gram block; `default` is
+today's (`auto`: vLLM with bfloat16 and calls of 64 where the machine has them).
+
+`stream_mix` counts tokens per 1,000 events over whole users' streams, tiny partitions
+included, with and without the gap rule's floor (`min_gap_events`).
 """
 from __future__ import annotations
 
@@ -38,18 +42,20 @@ OLD_BATCH, OLD_TOKENS = 8, 160
 
 
 def configurations(settings) -> dict[str, tuple[dict, int, int]]:
-    """name -> (settings changes, prompts per call, answer tokens)."""
+    """name -> (settings changes, prompts per call, answer tokens). `default` is what the
+    worker runs with the settings as given (`auto` values decided for this machine)."""
+    chosen = backends.resolve(settings)
     fast = backends.fastest(settings)
-    v3 = {"llm_template": "uil-compact-v3", "llm_no_repeat_ngram": 3}
     out = {"old_default": (OLD_DEFAULT, OLD_BATCH, OLD_TOKENS),
-           "transformers_v3": ({**v3, "llm_backend": "transformers",
-                                "llm_dtype": fast.llm_dtype}, 16, 64)}
+           "transformers_v4": ({"llm_template": "uil-compact-v4", "llm_no_repeat_ngram": 3,
+                                "llm_backend": "transformers", "llm_dtype": fast.llm_dtype},
+                               16, 64)}
     if fast.llm_backend == "vllm":
-        out["vllm_v2"] = ({**OLD_DEFAULT, "llm_backend": "vllm", "llm_dtype": fast.llm_dtype},
-                          64, OLD_TOKENS)
-        out["vllm_v3"] = ({**v3, "llm_backend": "vllm", "llm_dtype": fast.llm_dtype}, 64, 64)
-        out["vllm_v4"] = ({**v3, "llm_template": "uil-compact-v4", "llm_backend": "vllm",
-                           "llm_dtype": fast.llm_dtype}, 64, 64)
+        out["vllm_v3"] = ({"llm_template": "uil-compact-v3", "llm_no_repeat_ngram": 3,
+                           "llm_backend": "vllm", "llm_dtype": fast.llm_dtype}, 64, 64)
+    out["default"] = ({"llm_backend": chosen.llm_backend, "llm_dtype": chosen.llm_dtype,
+                       "llm_vllm_kv_cache_mb": chosen.llm_vllm_kv_cache_mb},
+                      chosen.llm_batch_size, chosen.llm_max_new_tokens)
     return out
 
 
@@ -120,8 +126,54 @@ def _prefix_counts(backend) -> tuple[int, int] | None:
             int(values.get("vllm:prefix_cache_queries", 0)))
 
 
+# A cascaded profile of typical length (the answers' PROFILE lines run 150 to 300 characters):
+# the context every stream-mix prompt carries.
+TYPICAL_PROFILE = ("Enjoys dramas and thrillers with strong characters and classic comedies; "
+                   "likes hopeful science fiction adventures, avoids horror and slapstick.")
+
+
+def stream_mix(settings, answers: dict[str, float], *, users: int = 300, seed: int = 0) -> dict:
+    """LLM tokens per 1,000 events over every partition of a seeded sample of MovieLens-1M
+    users (all depths, tiny partitions included, as the stream produces them), for each
+    template, under the close rules as set and with every cache closed by the gap
+    (min_gap_events=1, the rules before the floor). Prompt tokens are counted by the model's
+    tokenizer with a typical profile as context; answer tokens per summary are the measured
+    ones (`answers`: template -> tokens). No generation: the bench's own partitions are the
+    users' first two, which are mostly full ones."""
+    import random
+    from dataclasses import replace
+
+    from llm_workers import prompts
+    data_dir = movielens.fetch(settings.home, datasets=("ml-1m",), log=lambda m: None)["ml-1m"]
+    catalog = ctr_data.load_catalog(data_dir, "ml-1m")
+    histories = ctr_data.group_ratings(movielens.load_ratings(data_dir, "ml-1m"))
+    sample = random.Random(seed).sample(sorted(histories, key=int), users)
+    rules = ubsp.CloseRules.from_settings(settings)
+    counter = backends.create(settings.replace(llm_backend="transformers", llm_dtype="float32"))
+    out: dict = {"users": users}
+    try:
+        for rule_name, r in (("floor", rules), ("no_floor", replace(rules, min_gap_events=1))):
+            parts = []
+            for user in sample:
+                ctr_data.partition_user(histories[user], r, dataset="ml-1m")
+                parts += ctr_data.batch_partitions(histories[user], catalog, 10 ** 6)
+            events = sum(len(p.activities) for p in parts)
+            row = {"min_gap_events": r.min_gap_events, "partitions": len(parts),
+                   "events_per_partition": round(events / len(parts), 2)}
+            for template, answer in answers.items():
+                tokens = counter.count_tokens_many([prompts.cascade_prompt(
+                    p.activities, context=TYPICAL_PROFILE, context_kind=prompts.CONTEXT_PREVIOUS,
+                    max_title_chars=settings.llm_max_title_chars, template=template)
+                    for p in parts])
+                row[template] = round(1000 * (sum(tokens) + answer * len(parts)) / events)
+            out[rule_name] = row
+    finally:
+        counter.close()
+    return out
+
+
 def run(settings, *, users: int = 16, depth: int = 2, only: list[str] | None = None,
-        log=print) -> dict:
+        mix_users: int = 300, log=print) -> dict:
     data = partitions(settings, users, depth)
     configs = configurations(settings)
     chosen = {k: v for k, v in configs.items() if not only or k in only}
@@ -138,4 +190,13 @@ def run(settings, *, users: int = 16, depth: int = 2, only: list[str] | None = N
                    "tokens_per_1k_events_x": round(r["llm_tokens_per_1k_events"]
                                                    / old["llm_tokens_per_1k_events"], 3)}
             for name, r in results.items() if name != "old_default"}
+    if mix_users:
+        answers = {}
+        for r in results.values():  # the first measured answer length of each template
+            answers.setdefault(r["template"], r["answer_tokens_per_summary"])
+        mix = out["stream_mix"] = stream_mix(settings, answers, users=mix_users)
+        if "old_default" in results and "default" in results:  # each under its own rules
+            new = mix["floor"][results["default"]["template"]]
+            mix["default_vs_old_default_x"] = round(
+                new / mix["no_floor"][results["old_default"]["template"]], 3)
     return out

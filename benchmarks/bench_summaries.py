@@ -13,8 +13,7 @@ from llm_workers import backends
 
 
 def run(settings, *, users: int = 16, depth: int = 2, fastest: bool = False, log=print) -> dict:
-    if fastest:
-        settings = backends.fastest(settings)
+    settings = backends.fastest(settings) if fastest else backends.resolve(settings)
     data = bench_llm.partitions(settings, users, depth)
     batch = 64 if settings.llm_backend.startswith("vllm") else settings.llm_batch_size
     result = bench_llm.measure(settings, "settings", {}, batch, settings.llm_max_new_tokens,

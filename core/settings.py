@@ -58,6 +58,9 @@ class Settings:
     max_lateness_s: float = field(default=3600.0,
                                   metadata={"help": "older events (vs the user's newest) are dead-lettered as late"})
     dedup_window: int = field(default=64, metadata={"help": "recent event ids kept per user to drop duplicates"})
+    min_gap_events: int = field(
+        default=5, metadata={"help": "the gap rule closes only caches of at least this many events; "
+                                     "smaller ones wait for the user's next session (1: every cache)"})
     drift_threshold: float = field(
         default=0.55,
         metadata={"help": "close when 1 - cos(cache centroid, new item text vector) exceeds this; "
@@ -66,27 +69,27 @@ class Settings:
     # --- worker ------------------------------------------------------------------
     batch_size: int = field(default=500, metadata={"help": "events taken from the stream per batch"})
     # --- LLM workers (UIL) ---------------------------------------------------------
-    llm_backend: str = field(default="transformers",
-                             metadata={"help": "transformers, vllm, vllm-server, failing (tests: injects failures) or module:factory"})
+    llm_backend: str = field(default="auto",
+                             metadata={"help": "auto (vllm when installed, else transformers), transformers, vllm, vllm-server, failing (tests: injects failures) or module:factory"})
     llm_model: str = field(default="smollm2-135m-instruct",
                            metadata={"help": "default SmolLM2-135M-Instruct, or a local model directory"})
     llm_device: str = field(default="cpu", metadata={"help": "torch device of the transformers backend"})
-    llm_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    llm_dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CPUs with AMX or AVX-512 BF16 and on GPUs, else float32), float32, bfloat16 or float16"})
     llm_threads: int = field(default=1, metadata={"help": "torch CPU threads; 0 = torch's default"})
     llm_mode: str = field(default="cascade",
                           metadata={"help": "cascade (UIL) or naive (whole history each close, baseline)"})
     llm_max_new_tokens: int = field(default=64, metadata={"help": "answer length cap (tokens; the two v3 lines need about 55)"})
     llm_repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 disables (the default; README: DARE)"})
     llm_template: str = field(
-        default="uil-compact-v3",
-        metadata={"help": "prompt template: uil-compact-v3 (two short lines, static "
-                          "instructions first), uil-compact-v4 (v3 with bare titles: genres "
-                          "and years summed up) or uil-kar-v2 (the earlier three-line one)"})
+        default="uil-compact-v4",
+        metadata={"help": "prompt template: uil-compact-v4 (v3 in fewer words, bare titles, "
+                          "genres and years summed up), uil-compact-v3 (two short lines, static "
+                          "instructions first) or uil-kar-v2 (the earlier three-line one)"})
     llm_no_repeat_ngram: int = field(
         default=3, metadata={"help": "ban an n-gram repeated inside one answer (tokens compared "
                                      "as a reader sees them; the prompt may be copied); 0 "
                                      "disables"})
-    llm_batch_size: int = field(default=8, metadata={"help": "max partitions per LLM call"})
+    llm_batch_size: int = field(default=0, metadata={"help": "max partitions per LLM call; 0 = the backend's best (vllm 64, transformers 16)"})
     llm_batch_wait_s: float = field(default=0.2, metadata={"help": "max wait to fill a batch"})
     llm_max_queue: int = field(default=256,
                                metadata={"help": "partitions held in memory; the consumer pauses above"})
@@ -169,7 +172,7 @@ class Settings:
             return SettingsError(f"{ENV_PREFIX}{name.upper()}={getattr(self, name)!r}: {why}")
 
         for name in ("topic_partitions", "replication_factor", "max_payload_bytes", "max_events",
-                     "batch_size", "dedup_window", "fusion_batch_size"):
+                     "batch_size", "dedup_window", "min_gap_events", "fusion_batch_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         for name in ("max_gap_s", "max_span_s", "max_future_s", "max_lateness_s", "lag_interval_s"):
@@ -196,7 +199,7 @@ class Settings:
             raise bad("log_level", "must be DEBUG, INFO, WARNING or ERROR")
         if not self.app_id or any(c.isspace() for c in self.app_id):
             raise bad("app_id", "must be a non-empty name without spaces")
-        for name in ("llm_max_new_tokens", "llm_batch_size", "llm_max_queue", "llm_concurrency",
+        for name in ("llm_max_new_tokens", "llm_max_queue", "llm_concurrency",
                      "llm_max_attempts", "llm_max_title_chars", "llm_max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
@@ -209,14 +212,14 @@ class Settings:
         for name in ("llm_batch_wait_s", "llm_timeout_s", "llm_repetition_penalty"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be > 0")
-        for name in ("llm_threads", "llm_budget_tpm", "llm_collective_min_users", "llm_fail_first",
+        for name in ("llm_threads", "llm_batch_size", "llm_budget_tpm", "llm_collective_min_users", "llm_fail_first",
                      "llm_retry_backoff_s", "llm_price_in_per_1k", "llm_price_out_per_1k"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         if self.llm_mode not in ("cascade", "naive"):
             raise bad("llm_mode", "must be cascade or naive")
-        if self.llm_dtype not in ("float32", "bfloat16", "float16"):
-            raise bad("llm_dtype", "must be float32, bfloat16 or float16")
+        if self.llm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise bad("llm_dtype", "must be auto, float32, bfloat16 or float16")
         if not self.llm_backend.strip() or any(c.isspace() for c in self.llm_backend):
             raise bad("llm_backend", "must be a backend name or module:factory")
         if self.llm_dare not in (0, 1):

@@ -228,11 +228,10 @@ def cmd_eval(settings: Settings, args) -> int:
                      max_new_tokens=args.max_new_tokens, batch_size=args.llm_batch,
                      epochs=args.epochs, variants=tuple(variants.split(",")), log=log)
     else:
-        from llm_workers.backends import fastest
+        from llm_workers.backends import fastest, resolve
         from models.lifelong_data import LifelongConfig
         from models.lifelong_eval import run as run_lifelong
-        if args.llm == "fastest":
-            settings = fastest(settings)
+        settings = fastest(settings) if args.llm == "fastest" else resolve(settings)
         log(f"summaries by {settings.llm_backend} ({settings.llm_dtype}, "
             f"template {settings.llm_template})")
         cfg = LifelongConfig(min_ratings=args.min_ratings, max_history=args.max_history,

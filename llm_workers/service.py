@@ -64,7 +64,7 @@ class LLMWorker(Worker):
 
     def __init__(self, settings: Settings, backend: backends.Backend | None = None):
         super().__init__(logger=log, rebalances=ops_metrics.REBALANCES)
-        self.s = settings
+        self.s = settings = backends.resolve(settings)  # `auto` values decided once, here
         self.backend = backend or backends.create(settings)
         self.store = Store(settings.state_path / "llm-worker")
         self.topic_in = settings.topic(PARTITIONS_CLOSED)

@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from llm_workers import backends
 from models import evaluation, training
 from models.summaries_batch import BatchSummariser, SummaryCache
 from models.ctr_metrics import auc
@@ -114,6 +115,9 @@ def run(settings, *, dataset: str = "ml-1m", users: int = 100, depth: int = 2, k
         log: Callable[[str], object] = lambda m: None) -> dict:
     if candidate not in ("strict", "relaxed"):
         raise ValueError(f"candidate must be strict or relaxed, not {candidate!r}")
+    if settings.llm_backend == "auto":  # llm_dare is the transformers backend's DARE
+        settings = settings.replace(llm_backend="transformers")
+    settings = backends.resolve(settings)
     started = time.monotonic()
     load_start, uptime_start = evaluation.load(), evaluation.uptime()
     common = dict(dataset=dataset, n_users=users, depth=depth, k=k, history_len=history_len,

@@ -135,12 +135,12 @@ class BatchSummariser:
     def __init__(self, settings, *, max_new_tokens: int = 64, batch_size: int = 16,
                  backend: backends.Backend | None = None, cache: SummaryCache | None = None,
                  log: Callable[[str], object] = lambda m: None):
-        self.s = settings
+        self.s = backends.resolve(settings)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self._backend = backend
         self._owns_backend = backend is None
-        self.cache = cache or SummaryCache(default_cache_path(settings))
+        self.cache = cache or SummaryCache(default_cache_path(self.s))
         self.log = log
         self.transcript: list[tuple[str, str]] = []   # (prompt's user message, whole answer)
         self.records: list[dict] = []                 # what this summariser generated

@@ -367,7 +367,7 @@ def measure(dataset: str = "ml-1m", home: str | None = None, thresholds=(0.6, 0.
             cache = state["events"]
             ts = float(r.ts)
             # The proposed order in add_event: max_gap, max_span, then drift, all before adding.
-            if (cache and ts - max(e.ts for e in cache) <= rules.max_gap_s
+            if (cache and not rules.gap_closes(cache, ts)
                     and ts - min(e.ts for e in cache) <= rules.max_span_s
                     and len(cache) >= min_events):
                 distance = vectors.distance([e.item_id for e in cache], r.item_id)

@@ -17,7 +17,8 @@ class QuietUsers:
     def __init__(self, rules: CloseRules, sweep_every_s: float = 60.0):
         self.rules = rules
         self.sweep_every_s = sweep_every_s
-        self.open: dict[int, dict[bytes, tuple[float, float]]] = defaultdict(dict)
+        # partition -> user key -> (first, last event time, events) of the open cache
+        self.open: dict[int, dict[bytes, tuple[float, float, int]]] = defaultdict(dict)
         self.watermark: dict[int, float] = {}
         self._swept_at: dict[int, float] = {}
 
@@ -31,7 +32,7 @@ class QuietUsers:
         events = state["events"]
         if events:
             times = [e.ts for e in events]
-            self.open[partition][key] = (min(times), max(times))
+            self.open[partition][key] = (min(times), max(times), len(times))
         else:
             self.open[partition].pop(key, None)
 
@@ -42,5 +43,7 @@ class QuietUsers:
         if now is None or now - self._swept_at.get(partition, float("-inf")) < self.sweep_every_s:
             return []
         self._swept_at[partition] = now
-        return [key for key, (first, last) in self.open[partition].items()
-                if now - last > self.rules.max_gap_s or now - first > self.rules.max_span_s]
+        rules = self.rules
+        return [key for key, (first, last, n) in self.open[partition].items()
+                if (n >= rules.min_gap_events and now - last > rules.max_gap_s)
+                or now - first > rules.max_span_s]

@@ -12,7 +12,10 @@ through `from_stored` before these functions read its rows by name.
 
 Close rules, checked in this order, any one closes (the reason is recorded):
   max_gap   - the new event comes more than `max_gap_s` after the cache's last event: the cache
-              closes *before* the new event, which starts the next cache;
+              closes *before* the new event, which starts the next cache. Only a cache of at
+              least `min_gap_events` events: a smaller one is not worth an LLM call of its
+              own (a fixed prompt and answer for one or two ratings), so it stays open and
+              the user's next session joins it, until max_span or max_events closes it;
   max_span  - the new event comes more than `max_span_s` after the cache's first event: same;
   drift     - (optional) the new item's embedding is farther than a threshold from the cache
               centroid (streams/drift.py): the cache closes *before* the new event;
@@ -67,12 +70,18 @@ class CloseRules:
     max_span_s: float = 30 * 24 * 3600.0
     max_lateness_s: float = 3600.0
     dedup_window: int = 64
+    min_gap_events: int = 5
 
     @classmethod
     def from_settings(cls, settings) -> "CloseRules":
         return cls(max_events=settings.max_events, max_gap_s=settings.max_gap_s,
                    max_span_s=settings.max_span_s, max_lateness_s=settings.max_lateness_s,
-                   dedup_window=settings.dedup_window)
+                   dedup_window=settings.dedup_window,
+                   min_gap_events=settings.min_gap_events)
+
+    def gap_closes(self, cache: list[EventRow], now: float) -> bool:
+        """Whether the gap rule closes `cache` at event time `now` (a small cache waits)."""
+        return len(cache) >= self.min_gap_events and now - max(e.ts for e in cache) > self.max_gap_s
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,7 @@ def add_event(state: UserState, user_id: str, event_id: str, item_id: str, actio
     closed: list[Closed] = []
     cache = state["events"]
     if cache:
-        if ts - max(e.ts for e in cache) > rules.max_gap_s:
+        if rules.gap_closes(cache, ts):
             closed.append(_close(user_id, state, "max_gap"))
         elif ts - min(e.ts for e in cache) > rules.max_span_s:
             closed.append(_close(user_id, state, "max_span"))
@@ -146,7 +155,7 @@ def sweep(state: UserState, user_id: str, now_event_time: float, rules: CloseRul
     cache = state["events"]
     if not cache:
         return None
-    if now_event_time - max(e.ts for e in cache) > rules.max_gap_s:
+    if rules.gap_closes(cache, now_event_time):
         return _close(user_id, state, "max_gap")
     if now_event_time - min(e.ts for e in cache) > rules.max_span_s:
         return _close(user_id, state, "max_span")

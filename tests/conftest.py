@@ -16,10 +16,15 @@ from ops.local_kafka import LocalKafka, free_port
 from ops.metrics import scrape
 
 
+# The LLM configuration tests run unless they name another: the same on every machine (the
+# default `auto` picks vLLM and bfloat16 where it can; tests/llm_workers/backends/test_base.py).
+TEST_LLM = dict(llm_backend="transformers", llm_dtype="float32", llm_batch_size=8)
+
+
 def base_settings(**overrides) -> Settings:
     """Settings from defaults (plus LIBER_HOME only), so a developer's env cannot leak in."""
     env = {k: v for k, v in os.environ.items() if k == "LIBER_HOME"}
-    return Settings.load(env=env, **overrides)
+    return Settings.load(env=env, **{**TEST_LLM, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@
     backend.generate(prompts, max_new_tokens, timeout_s=...) -> [Generation(text, tokens_in,
                                                                          tokens_out, seconds)]
 
+`LIBER_LLM_BACKEND=auto` (the default) takes vLLM when it is installed, else transformers;
+`LIBER_LLM_DTYPE=auto` bfloat16 where the hardware makes it fast (base.resolve).
+
 `prompts` are `ChatPrompt`s (system message, user message, expected labelled lines) or plain
 strings (a user message). A backend applies the model's chat template itself, starts the answer
 with the first label (`ChatPrompt.prefix`, not repeated in `Generation.text`) and may keep the
@@ -25,11 +28,11 @@ The vLLM modules are imported by `create` when named (vLLM is a large, optional 
 """
 from llm_workers.backends.base import (BACKENDS, Backend, BackendError, Generation, LLMError,
                                        LLMTimeout, as_chat, bf16_is_fast, create, fastest,
-                                       register)
+                                       register, resolve)
 from llm_workers.backends.fault import FaultyBackend, WrappingBackend
 from llm_workers.backends.line_guide import LineGuide
 from llm_workers.backends.transformers import TransformersBackend
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "FaultyBackend", "Generation", "LLMError",
            "LLMTimeout", "LineGuide", "TransformersBackend", "WrappingBackend", "as_chat",
-           "bf16_is_fast", "create", "fastest", "register"]
+           "bf16_is_fast", "create", "fastest", "register", "resolve"]

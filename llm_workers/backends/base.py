@@ -82,7 +82,8 @@ LAZY = {"vllm": "llm_workers.backends.vllm", "vllm-server": "llm_workers.backend
 
 
 def create(settings) -> Backend:
-    """The backend named by settings.llm_backend."""
+    """The backend named by settings.llm_backend (`auto`: see resolve)."""
+    settings = resolve(settings)
     name = settings.llm_backend
     if name in LAZY:
         importlib.import_module(LAZY[name])
@@ -112,13 +113,37 @@ def bf16_is_fast(device: str = "cpu") -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def fastest(settings):
-    """The settings with the fastest configuration this machine runs for batch generation:
-    vLLM's engine (continuous batching) when installed, else transformers; bfloat16 where it
-    is fast in hardware. What was chosen is in the returned settings (llm_backend, llm_dtype)."""
+AUTO = "auto"
+# prompts per call that fill the engine: vLLM batches continuously (64 measured best here);
+# transformers pads a call to its longest prompt, so more than 16 buys little on a CPU
+AUTO_BATCH = {"vllm": 64, "vllm-server": 64, "transformers": 16}
+# a vLLM KV cache that holds a whole call of ~600-token prompts (512 MiB held about 40)
+AUTO_KV_CACHE_MB = 2048
+
+
+def resolve(settings):
+    """The settings with every `auto` LLM value decided for this machine: the backend is
+    vLLM's engine (continuous batching) when vLLM is installed, else transformers; the dtype
+    bfloat16 where it is fast in hardware (bf16_is_fast), else float32; llm_batch_size 0 the
+    backend's AUTO_BATCH; an automatic vLLM gets a KV cache of at least AUTO_KV_CACHE_MB.
+    Values set explicitly are kept."""
     import importlib.util
-    backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-    dtype = "bfloat16" if bf16_is_fast(settings.llm_device) else settings.llm_dtype
-    # a KV cache that holds a whole call of ~600-token prompts (512 MiB held about 40)
-    return settings.replace(llm_backend=backend, llm_dtype=dtype,
-                            llm_vllm_kv_cache_mb=max(settings.llm_vllm_kv_cache_mb, 2048))
+    changes = {}
+    backend = settings.llm_backend
+    if backend == AUTO:
+        backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+        changes["llm_backend"] = backend
+        if backend == "vllm":
+            changes["llm_vllm_kv_cache_mb"] = max(settings.llm_vllm_kv_cache_mb,
+                                                  AUTO_KV_CACHE_MB)
+    if settings.llm_dtype == AUTO:
+        changes["llm_dtype"] = "bfloat16" if bf16_is_fast(settings.llm_device) else "float32"
+    if settings.llm_batch_size == 0:
+        changes["llm_batch_size"] = AUTO_BATCH.get(backend, 8)
+    return settings.replace(**changes) if changes else settings
+
+
+def fastest(settings):
+    """The settings with the fastest configuration this machine runs (resolve's choices),
+    whatever the settings' own backend and dtype."""
+    return resolve(settings.replace(llm_backend=AUTO, llm_dtype=AUTO))

@@ -50,7 +50,7 @@ def test_replace_text_takes_values_as_the_environment_writes_them():
     s = Settings.load(env={})
     new = s.replace_text({"LIBER_LLM_DTYPE": "bfloat16", "llm_repetition_penalty": "1.15"})
     assert (new.llm_dtype, new.llm_repetition_penalty) == ("bfloat16", 1.15)
-    assert s.llm_dtype == "float32"                          # a copy
+    assert s.llm_dtype == "auto"                             # a copy
     with pytest.raises(SettingsError, match="LIBER_LLM_DTYPE='int8'"):
         s.replace_text({"llm_dtype": "int8"})
     with pytest.raises(SettingsError, match="unknown setting"):

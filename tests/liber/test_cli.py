@@ -27,4 +27,4 @@ def test_eval_dare_refuses_a_bad_reference_setting_before_any_work():
     result = run("eval-dare", "--reference", "llm_dtype=int8")
     assert result.returncode == 2
     assert result.stderr.strip() == ("liber: invalid setting: LIBER_LLM_DTYPE='int8': must be "
-                                     "float32, bfloat16 or float16")
+                                     "auto, float32, bfloat16 or float16")

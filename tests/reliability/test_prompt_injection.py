@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from core.settings import Settings
+from tests.conftest import base_settings
 from llm_workers import backends, prompts
 from llm_workers.prompts import Activity
 
@@ -24,7 +24,7 @@ LABEL_LINE = re.compile(r"^(SUMMARY|SHIFT|PROFILE):", re.M)
 
 @pytest.fixture(scope="module")
 def backend():
-    b = backends.create(Settings.load(env={}, llm_threads=1))
+    b = backends.create(base_settings(llm_threads=1))
     yield b
     b.close()
 

@@ -1,7 +1,8 @@
 from streams.ubsp import ACCEPTED, DUPLICATE, LATE, CloseRules, add_event, new_state, sweep
 
+# every cache closes by the gap rule here (min_gap_events=1); the size floor has its own tests
 RULES = CloseRules(max_events=3, max_gap_s=100.0, max_span_s=1000.0, max_lateness_s=50.0,
-                   dedup_window=4)
+                   dedup_window=4, min_gap_events=1)
 
 
 def feed(state, events, rules=RULES, user="u"):
@@ -64,6 +65,33 @@ def test_sweep_closes_quiet_users():
     part = sweep(state, "u", 111.0, RULES)
     assert ids(part) == ["a", "b"] and part.reason == "max_gap" and state["events"] == []
     assert sweep(state, "u", 10_000.0, RULES) is None
+
+
+FLOOR = CloseRules(max_events=10, max_gap_s=100.0, max_span_s=1000.0, max_lateness_s=50.0,
+                   dedup_window=4, min_gap_events=3)
+
+
+def test_a_cache_below_the_gap_floor_stays_open_and_the_next_session_joins_it():
+    state = new_state()
+    _, closed = feed(state, [("a", 0), ("b", 10), ("c", 500), ("d", 900), ("e", 1200)], FLOOR)
+    # a and b are two events: the gap before c does not close them; c joins them and the
+    # gap before d finds three (the floor): closed without d
+    assert [(ids(p), p.reason) for p in closed] == [(["a", "b", "c"], "max_gap")]
+    assert [e.event_id for e in state["events"]] == ["d", "e"]
+
+
+def test_max_span_still_closes_a_cache_below_the_floor():
+    state = new_state()
+    _, closed = feed(state, [("a", 0), ("b", 1500)], FLOOR)
+    assert [(ids(p), p.reason) for p in closed] == [(["a"], "max_span")]
+
+
+def test_sweep_leaves_a_small_quiet_cache_open_until_its_span_ends():
+    state = new_state()
+    feed(state, [("a", 0), ("b", 10)], FLOOR)
+    assert sweep(state, "u", 500.0, FLOOR) is None  # past the gap, below the floor
+    part = sweep(state, "u", 1001.0, FLOOR)
+    assert ids(part) == ["a", "b"] and part.reason == "max_span"
 
 
 def test_sequence_numbers_grow_without_gaps():

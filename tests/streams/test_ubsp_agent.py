@@ -4,7 +4,7 @@ come back as lists the way they do from RocksDB."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -14,8 +14,9 @@ from streams import ubsp
 from streams.ubsp_agent import REPLAYED, UbspAgent
 
 T0 = 1_000_000_000.0
+# every cache closes by the gap rule here (min_gap_events=1; the floor: test_ubsp.py)
 RULES = ubsp.CloseRules(max_events=5, max_gap_s=100.0, max_span_s=1000.0, max_lateness_s=50.0,
-                        dedup_window=8)
+                        dedup_window=8, min_gap_events=1)
 
 
 @dataclass
@@ -150,6 +151,15 @@ def test_a_quiet_user_is_closed_once_event_time_moves_on_on_its_partition():
     assert h.sent[0][2].message.offset == 4  # for the batch's last record of the partition
     assert b"quiet" in touched and h.states[b"quiet"]["events"] == []
     assert h.states[b"quiet"]["seq"] == 1
+
+
+def test_a_quiet_cache_below_the_gap_floor_waits_until_its_span_ends():
+    h = Harness(rules=replace(RULES, min_gap_events=3))
+    h.run(h.event("q0", "quiet", T0), h.event("q1", "quiet", T0 + 10))
+    h.run(h.event("b0", "busy", T0 + 500))  # past quiet's gap: two events wait
+    assert h.sent == []
+    h.run(h.event("b1", "busy", T0 + 1001))  # past its span: closed
+    assert ("quiet", 0, "max_span", ["q0", "q1"]) in h.closed()
 
 
 def test_event_time_of_another_partition_sweeps_nobody():

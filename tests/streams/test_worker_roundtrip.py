@@ -57,7 +57,7 @@ BAD_INPUT = [
 
 
 def test_roundtrip_closes_partitions_and_dead_letters_bad_input(settings, start_worker):
-    settings = settings.replace(max_events=3, max_gap_s=3600.0)
+    settings = settings.replace(max_events=3, max_gap_s=3600.0, min_gap_events=1)
     create_topics(settings, log=lambda m: None)
     worker = start_worker(settings)
     with BehaviorProducer(settings) as producer:
@@ -119,7 +119,7 @@ def test_roundtrip_closes_partitions_and_dead_letters_bad_input(settings, start_
 def test_quiet_user_cache_closes_when_event_time_moves_on(settings, start_worker):
     """'quiet' and 'busy' share a stream partition; only 'busy' keeps sending events."""
     assert len({key_partition(u, 2) for u in (b"quiet", b"busy")}) == 1
-    settings = settings.replace(max_events=50, max_gap_s=600.0)
+    settings = settings.replace(max_events=50, max_gap_s=600.0, min_gap_events=1)
     create_topics(settings, log=lambda m: None)
     worker = start_worker(settings)
     with BehaviorProducer(settings) as producer:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from core.settings import Settings
 from llm_workers import backends
+from tests.conftest import base_settings
 
 
 @pytest.fixture(scope="session")
 def backend():
-    b = backends.create(Settings.load(env={}, llm_threads=1))
+    b = backends.create(base_settings(llm_threads=1))
     yield b
     b.close()
