@@ -206,7 +206,7 @@ def test_naive_mode_resummarises_the_stored_history(settings, start_worker):
     store = Store(settings.state_path / "llm-worker")
     try:
         assert len(store.history("v")) == 5
-        assert "Heat (1995)" in store.last_prompt("v")["user"]
+        assert '"Heat"; "Casino"' in store.last_prompt("v")["user"]  # v4: bare titles
     finally:
         store.close()
 
