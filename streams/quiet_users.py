@@ -45,5 +45,4 @@ class QuietUsers:
         self._swept_at[partition] = now
         rules = self.rules
         return [key for key, (first, last, n) in self.open[partition].items()
-                if (n >= rules.min_gap_events and now - last > rules.max_gap_s)
-                or now - first > rules.max_span_s]
+                if rules.gap_due(last, n, now) or now - first > rules.max_span_s]

@@ -81,7 +81,11 @@ class CloseRules:
 
     def gap_closes(self, cache: list[EventRow], now: float) -> bool:
         """Whether the gap rule closes `cache` at event time `now` (a small cache waits)."""
-        return len(cache) >= self.min_gap_events and now - max(e.ts for e in cache) > self.max_gap_s
+        return bool(cache) and self.gap_due(max(e.ts for e in cache), len(cache), now)
+
+    def gap_due(self, last: float, events: int, now: float) -> bool:
+        """The gap rule for a cache known by its last event time and size (the sweep's index)."""
+        return events >= self.min_gap_events and now - last > self.max_gap_s
 
 
 @dataclass(frozen=True)
