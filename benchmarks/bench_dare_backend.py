@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--partition-events", type=int, default=10)
     p.add_argument("--sample-users", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   default="auto", help="the three backends' dtype (auto: the worker's choice)")
     p.add_argument("--reference-dtype", choices=["float32", "bfloat16", "float16"],
                    help="also run plain decoding in this dtype, as a reference")
     p.add_argument("--json", action="store_true", help="print JSON only (the default here)")
@@ -48,13 +50,15 @@ def main(argv=None) -> int:
 def run(args) -> dict:
     from core.settings import Settings
     from llm_workers import backends, prompts
+    from llm_workers.backends.base import resolve
     from benchmarks.bench_dare import _partitions, _plan
     from llm_workers.prompts import Activity
     from streams import movielens
     from streams.replay import movie_item
 
     # the transformers backend whatever the default (DARE here is the in-process decoder's)
-    base = Settings.load(llm_threads=1, llm_backend="transformers")
+    base = resolve(Settings.load(llm_threads=1, llm_backend="transformers",
+                                 llm_dtype=args.dtype))
     max_new = args.max_new_tokens or base.llm_max_new_tokens
     data_dir = Path(base.home) / "data"
     ratings = movielens.load_ratings(data_dir, "ml-1m")

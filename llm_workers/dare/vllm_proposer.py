@@ -8,13 +8,13 @@ drafts from the same retrieval pools as our decoder (`pools.PoolStore`).
 vLLM calls `propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=...)`
 once per step with the whole batch as token arrays, without request ids. So the pools are
 chosen from what the prompt carries: the UIL prompts list the partition's items as
-`"Title" [Genre|Genre]`; the prompt part of a row (up to the chat template's assistant turn) is
-decoded once, its genres give the `genre:<g>` pools (top `genre_pools` groups) and, when the
-store holds a fitted router and its genre vocabulary (metadata `router` and `vocab`), the
-genre histogram of the partition picks the `cluster:<k>` pool. Without one, the router fits
-itself on the first `router_fit_after` partitions it routes and stores the result. A row is
-recognised across steps by a hash of its prompt tokens; its own text is indexed as it grows
-(the context pool).
+`"Title" [Genre|Genre]`, or its genres in one line (`prompt_genres`); the prompt part of a row
+(up to the chat template's assistant turn) is decoded once, its genres give the `genre:<g>`
+pools (top `genre_pools` groups) and, when the store holds a fitted router and its genre
+vocabulary (metadata `router` and `vocab`), the genre histogram of the partition picks the
+`cluster:<k>` pool. Without one, the router fits itself on the first `router_fit_after`
+partitions it routes and stores the result. A row is recognised across steps by a hash of its
+prompt tokens; its own text is indexed as it grows (the context pool).
 
 Acceptance per pool: vLLM counts drafts and accepted tokens itself (its spec-decode metrics);
 the proposer also infers them at the next step from the tokens that were appended after its
@@ -49,6 +49,22 @@ CONTEXT_POOL = "context"
 ROUTER_META, VOCAB_META = "router", "vocab"
 PREFIX_TOKENS = 8                       # prompt tokens stored ahead of a generation (decoder's)
 _ITEM = re.compile(r'"[^"\n]*"\s*\[([^\[\]\n]+)\]')
+_GENRE_LINE = re.compile(r"(?:Liked|Disliked) genres: ([^.\n]+)\.")
+
+
+def prompt_genres(text: str) -> list[list[str]]:
+    """The genres a UIL prompt carries, one list per item: the `[Genre|Genre]` of each item
+    (uil-kar-v2, uil-compact-v3), or, where titles are bare (uil-compact-v4), the genre line's
+    lists, most frequent first without counts: the rank stands in for the count (the first of
+    n genres counts n times, the last once)."""
+    groups = [[g.strip() for g in m.group(1).split("|") if g.strip()]
+              for m in _ITEM.finditer(text)]
+    if groups:
+        return groups
+    for m in _GENRE_LINE.finditer(text):
+        ranked = [g.strip() for g in m.group(1).split(",") if g.strip()]
+        groups += [[g] for rank, g in enumerate(ranked) for _ in range(len(ranked) - rank)]
+    return groups
 
 
 class Shared:
@@ -159,8 +175,7 @@ class PromptRouter:
     def _route(self, text: str) -> list[str]:
         if self.use_global:
             return [GLOBAL_POOL]
-        groups = [[g.strip() for g in m.group(1).split("|") if g.strip()]
-                  for m in _ITEM.finditer(text)]
+        groups = prompt_genres(text)
         names = []
         if self.router is None and groups:
             self._learn(groups)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_bench_backend_compares_the_worker_backends_in_one_run():
     cmd = [sys.executable, "-m", "benchmarks.bench_dare_backend", "--json", "--prompts", "2",
            "--warm", "2", "--batch", "2", "--max-new-tokens", "16", "--sample-users", "60",
-           "--reference-dtype", "bfloat16"]
+           "--dtype", "float32", "--reference-dtype", "bfloat16"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

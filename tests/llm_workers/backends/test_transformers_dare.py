@@ -4,8 +4,6 @@ penalty, LineGuide on), relaxed output keeps the labelled lines the worker parse
 with each call and come back when the backend is reopened on the same state directory."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from core.settings import Settings
 from llm_workers import backends, prompts
 from llm_workers.dare.decoder import DareDecoder
 from llm_workers.prompts import Activity
+from tests.conftest import base_settings
 
 MAX_NEW = 40
 PARTITIONS = [
@@ -35,8 +34,7 @@ def _prompts() -> list[prompts.ChatPrompt]:
 
 
 def _settings(tmp_path, **overrides) -> Settings:
-    env = {k: v for k, v in os.environ.items() if k == "LIBER_HOME"}
-    return Settings.load(env=env, llm_threads=1, state_dir=str(tmp_path / "state"), **overrides)
+    return base_settings(llm_threads=1, state_dir=str(tmp_path / "state"), **overrides)
 
 
 @pytest.fixture(scope="module")

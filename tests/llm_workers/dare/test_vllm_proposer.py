@@ -55,6 +55,23 @@ def test_pools_come_from_the_prompt_text(tokenizer, tmp_path):
     store.close()
 
 
+def test_bare_titles_route_by_the_genre_line():
+    """uil-kar-v2 and v3 tag each item with its genres; v4 lists them once, most frequent first."""
+    acts = [Activity("Heat (1995) [Action|Crime|Thriller]", "rate", 5.0),
+            Activity("Se7en (1995) [Crime|Thriller]", "rate", 4.0),
+            Activity("Babe (1995) [Children's|Comedy]", "rate", 1.0)]
+    tagged = prompts.cascade_prompt(acts, context=None, context_kind=prompts.CONTEXT_NONE,
+                                    template=prompts.COMPACT_V3)
+    bare = prompts.cascade_prompt(acts, context=None, context_kind=prompts.CONTEXT_NONE,
+                                  template=prompts.COMPACT_V4)
+    assert vllm_proposer.prompt_genres(tagged.user) == [
+        ["Action", "Crime", "Thriller"], ["Crime", "Thriller"], ["Children's", "Comedy"]]
+    # "Liked genres: Crime, Thriller, Action. Disliked genres: Children's, Comedy."
+    assert vllm_proposer.prompt_genres(bare.user) == [
+        ["Crime"]] * 3 + [["Thriller"]] * 2 + [["Action"], ["Children's"], ["Children's"],
+                                              ["Comedy"]]
+
+
 def test_feed_stores_generations_in_the_routed_pools_and_they_persist(tokenizer, tmp_path):
     path = str(tmp_path / "pools")
     key = vllm_proposer.register_store(None, path, {"genre_pools": 1})
