@@ -1,15 +1,21 @@
-"""`liber bench stream`: stream-worker throughput against a bare consumer, in one run.
+"""`liber bench stream`: stream-worker throughput against Faust's floor and a bare consumer, in
+one run, with the drift rule off and on.
 
-Starts its own local broker, replays a MovieLens dataset into `behaviors`, then
-1. reads the whole topic with a bare aiokafka consumer (the client Faust uses), no processing:
+Starts its own local broker and
+1. loads the catalogue (`items`) into one worker per configuration, drift off and on, and stops
+   it: a running deployment has its item texts and, with drift, their vectors (encoding
+   ML-1M's 3,883 titles is reported apart, `catalogue_seconds`);
+2. replays the MovieLens ratings into `behaviors`;
+3. reads the whole topic with a bare aiokafka consumer (the client Faust uses), no processing:
    the ceiling on this machine;
-2. runs a Faust agent that only batches and acks (benchmarks/faust_floor.py): what Faust's
+4. runs a Faust agent that only batches and acks (benchmarks/faust_floor.py): what Faust's
    per-event path costs before any processing;
-3. runs `liber worker` as a separate process from an empty state and times it from its first
-   to its last event (read from its Prometheus metrics), with its peak RSS and CPU seconds.
-Prints one JSON object. CPU seconds per event are the robust figure on a shared machine.
-The broker, the workers and the temporary directory do not outlive the run, even one ended by
-SIGTERM or SIGKILL (ops/local_kafka.py).
+5. restarts each configuration's `liber worker` on its state and times it from its first to
+   its last event (read from its Prometheus metrics), with its peak RSS and CPU seconds.
+Prints one JSON object; the top-level figures are drift off's, `drift_on` holds the same for
+drift on. CPU seconds per event are the robust figure on a shared machine. The broker, the
+workers and the temporary directory do not outlive the run, even one ended by SIGTERM or
+SIGKILL (ops/local_kafka.py).
 """
 from __future__ import annotations
 
@@ -76,14 +82,51 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
-                 log=print) -> dict:
+def _start_worker(settings: Settings, log_path: Path):
     port = free_port()
     env = {**os.environ, **settings.replace(metrics_port=port, log_level="WARNING").to_env()}
-    with open(log_path, "wb") as worker_log:
+    with open(log_path, "ab") as worker_log:
         proc = popen_bound([sys.executable, "-m", "liber.cli", "worker"], env=env,
                            stdout=worker_log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/metrics"
+    return proc, f"http://127.0.0.1:{port}/metrics"
+
+
+def _stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _metric(url: str, name: str) -> float:
+    try:
+        return scrape(url, name)
+    except OSError:
+        return 0.0
+
+
+def _load_catalogue(settings: Settings, items: int, log_path: Path, timeout: float) -> float:
+    """Seconds for a worker to store the catalogue (and, with drift, every item's vector)."""
+    proc, url = _start_worker(settings, log_path)
+    start, deadline = time.perf_counter(), time.monotonic() + timeout
+    try:
+        while _metric(url, "liber_items_loaded_total") < items or (
+                settings.drift_threshold > 0 and _metric(url, "liber_item_vectors") < items):
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker stopped while loading the catalogue; see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"catalogue not loaded after {timeout:.0f}s; see {log_path}")
+            time.sleep(0.5)
+        return time.perf_counter() - start
+    finally:
+        _stop(proc)
+
+
+def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
+                 log=print) -> dict:
+    proc, url = _start_worker(settings, log_path)
     try:
         first = last = None
         seen, deadline = 0.0, time.monotonic() + timeout
@@ -93,10 +136,7 @@ def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
             if time.monotonic() > deadline:  # report the rate so far rather than nothing
                 log(f"timed out after {timeout:.0f}s at {seen:.0f}/{total} events")
                 break
-            try:
-                seen = scrape(url, "liber_events_in_total")
-            except OSError:
-                seen = 0.0
+            seen = _metric(url, "liber_events_in_total")
             now = time.perf_counter()
             if seen > 0 and first is None:
                 first = (now, seen, _cpu_s(proc.pid))
@@ -105,19 +145,24 @@ def _time_worker(settings: Settings, total: int, log_path: Path, timeout: float,
         # Events counted at the first sample arrived before it: count from that sample on.
         elapsed = last[0] - first[0] if first else 0.0
         cpu = last[1] - first[2] if first else 0.0
-        rate = (seen - first[1]) / elapsed if elapsed > 0 else float("nan")
-        return {"events_per_s": rate, "worker_seconds": elapsed, "events_processed": int(seen),
-                "events_per_cpu_s": (seen - first[1]) / cpu if cpu > 0 else float("nan"),
+        # None when every event came before the first sample (a run too short to time)
+        rate = round((seen - first[1]) / elapsed) if elapsed > 0 and seen > first[1] else None
+        return {"events_per_s": rate, "worker_seconds": round(elapsed, 1),
+                "cpu_s": round(cpu, 1), "events_processed": int(seen),
+                "events_per_cpu_s": round((seen - first[1]) / cpu) if rate and cpu > 0 else None,
+                "complete": seen >= total,
                 "partitions_closed": int(scrape(url, "liber_partitions_closed_total")),
                 "dead_lettered": int(scrape(url, "liber_dead_lettered_total")),
                 "peak_rss_mb": round(_peak_rss_mb(proc.pid), 1)}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def _ratio(rate, other: float, digits: int = 2):
+    return round(rate / other, digits) if rate else None
+
+
+DRIFT_ON = 0.55  # the setting's default, used for the drift-on worker when drift is off here
 
 
 def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
@@ -127,32 +172,48 @@ def run(settings: Settings, dataset: str = "ml-1m", limit: int | None = None,
     broker = LocalKafka(settings.home, work / "kafka", port=free_port())
     settings = settings.replace(bootstrap_servers=broker.bootstrap, state_dir=str(work / "state"),
                                 app_id="liber-bench", topic_prefix="bench.")
+    workers = {"drift_off": settings.replace(app_id="liber-bench-drift-off", drift_threshold=0.0),
+               "drift_on": settings.replace(app_id="liber-bench-drift-on",
+                                            drift_threshold=settings.drift_threshold or DRIFT_ON)}
     try:
         broker.start(log=log)
         create_topics(settings, log=lambda m: None)
-        produced = replay(settings, dataset, limit=limit, progress=False, log=log)
+        catalogue = replay(settings, dataset, events=False, progress=False, log=log)
+        catalogue_s = {}
+        for name, config in workers.items():
+            log(f"{name}: loading the catalogue ({catalogue.items} items) ...")
+            catalogue_s[name] = round(_load_catalogue(config, catalogue.items,
+                                                      work / f"{name}.log", timeout), 1)
+        produced = replay(settings, dataset, limit=limit, items=False, progress=False, log=log)
         log(f"bare consumer: reading {produced.events} events ...")
         raw_seconds = asyncio.run(_bare_consume(settings, produced.events))
         log(f"faust floor: an agent that only batches and acks {produced.events} events ...")
         floor = _faust_floor(settings, produced.events, work / "floor.json", timeout)
-        log(f"stream worker: processing {produced.events} events ...")
-        worker = _time_worker(settings, produced.events, work / "worker.log", timeout, log)
+        timed = {}
+        for name, config in workers.items():
+            log(f"{name}: processing {produced.events} events ...")
+            timed[name] = _time_worker(config, produced.events, work / f"{name}.log", timeout,
+                                       log)
+            timed[name]["catalogue_seconds"] = catalogue_s[name]
         raw_rate = produced.events / raw_seconds
+        floor_rate = floor["events"] / floor["seconds"]
+        off, on = timed["drift_off"], timed["drift_on"]
         return {"benchmark": "stream", "dataset": dataset, "events": produced.events,
-                "events_per_s": round(worker["events_per_s"]),
-                "raw_consumer_events_per_s": round(raw_rate),
-                "ratio": round(worker["events_per_s"] / raw_rate, 3),
-                "events_per_cpu_s": round(worker["events_per_cpu_s"]),
-                "faust_floor_events_per_s": round(floor["events"] / floor["seconds"]),
+                "events_per_s": off["events_per_s"],
+                "faust_floor_events_per_s": round(floor_rate),
                 "faust_floor_events_per_cpu_s": round(floor["events"] / floor["cpu_s"]),
-                "complete": worker["events_processed"] >= produced.events,
-                "worker_seconds": round(worker["worker_seconds"], 1),
-                "partitions_closed": worker["partitions_closed"],
-                "dead_lettered": worker["dead_lettered"],
-                "peak_rss_mb": worker["peak_rss_mb"],
+                "raw_consumer_events_per_s": round(raw_rate),
+                "vs_faust_floor": _ratio(off["events_per_s"], floor_rate),
+                "ratio": _ratio(off["events_per_s"], raw_rate, 3),
+                **{k: off[k] for k in ("events_per_cpu_s", "cpu_s", "complete", "worker_seconds",
+                                       "partitions_closed", "dead_lettered", "peak_rss_mb",
+                                       "catalogue_seconds")},
+                "drift_on": {**on, "vs_faust_floor": _ratio(on["events_per_s"], floor_rate),
+                             "drift_threshold": workers["drift_on"].drift_threshold},
+                "catalogue_items": catalogue.items,
                 "produce_events_per_s": round(produced.events / produced.seconds),
                 "topic_partitions": settings.topic_partitions,
-                "batch_size": settings.batch_size, "drift": settings.drift_threshold > 0,
+                "batch_size": settings.batch_size,
                 "load_avg_1m": round(os.getloadavg()[0], 2), "machine": machine.describe()}
     finally:
         broker.stop(log=log)

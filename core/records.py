@@ -233,10 +233,13 @@ class BehaviorEvent(Record):
                    value=_num(data, "value", required=False), attrs=attrs)
 
     def check_time(self, *, max_future_s: float, now: float | None = None) -> None:
-        """Reject far-future event times (clock bugs would break event-time rules)."""
-        now = time.time() if now is None else now
-        if self.ts > now + max_future_s:
-            raise InvalidRecord("future_timestamp", f"ts={self.ts} is more than {max_future_s}s ahead")
+        check_time(self.ts, max_future_s=max_future_s, now=time.time() if now is None else now)
+
+
+def check_time(ts: float, *, max_future_s: float, now: float) -> None:
+    """Reject far-future event times (clock bugs would break event-time rules)."""
+    if ts > now + max_future_s:
+        raise InvalidRecord("future_timestamp", f"ts={ts} is more than {max_future_s}s ahead")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ SEND_FAILED = Counter(
     "(cut: a bounded dead letter, headers: one without key and value, none: the worker stopped)",
     ["topic", "fallback"])
 ITEMS_LOADED = Counter("liber_items_loaded_total", "Catalogue records stored in the items table")
+ITEM_VECTORS = Gauge("liber_item_vectors", "Item text vectors the drift rule holds in this worker")
 OPEN_CACHES = Gauge("liber_open_caches", "Users with a non-empty open cache on this worker")
 
 # --- every long-running process ------------------------------------------------------------

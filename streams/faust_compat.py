@@ -12,6 +12,11 @@ changed, then bump PINNED_VERSION. The hooks, what they are for:
   Stream.enable_acks, Stream.ack    batches / ack_all: acks left to the caller
   Stream._set_current_event         filed_under: the partition a table write is filed under
   App.consumer_generation_id, .rebalancing, .in_recovery, .crash    the UBSP agent's wiring
+  aiokafka Transport.Consumer, Consumer._wait_next_records, ._get_active_partitions,
+  ._buffered_partitions, .flow_active        BulkConsumer: bulk topics' fetches to a lane
+  Consumer._acked, ._acked_index, ._committed_offset, ._n_acked, ._unacked_messages,
+  ._waiting_for_ack                          ack_range / InFlight: the lane's acks and batches
+  faust.streams._current_event               file_under: table writes outside a stream
   app.tables.recovery (in_recovery, active_remaining_total), app.assignor.assigned_actives
                                     read by ops/faust_ops.py and streams/worker.py
 """
@@ -20,10 +25,14 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import weakref
 from contextlib import contextmanager
 
 import faust
+import faust.streams
 from faust.sensors.monitor import Monitor
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode.utils.futures import notify
 
 log = logging.getLogger("liber.stream")
 PINNED_VERSION = "0.15.3"  # faust-streaming, as tests/streams/test_faust_compat.py checked it
@@ -123,6 +132,19 @@ def filed_under(stream):
         yield stream._set_current_event
     finally:
         stream._set_current_event(pending)
+
+
+@contextmanager
+def file_under():
+    """`file(event)`: table writes made next are filed under `event`'s partition, outside any
+    stream (the bulk lane): Faust's table and store read the partition from the context's
+    current event. The context's event is restored afterwards."""
+    var = faust.streams._current_event
+    token = var.set(None)
+    try:
+        yield lambda event: var.set(weakref.ref(event))
+    finally:
+        var.reset(token)
 
 
 # --- batches and acks -----------------------------------------------------------------------
@@ -246,3 +268,69 @@ def group_member_alive(app) -> bool | None:
         return None
     task = coordinator._heartbeat_task
     return task is not None and not task.done()
+
+
+# --- the bulk lane's consumer -----------------------------------------------------------------
+class BulkConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer, except that the records of `lane.topics` never become Faust
+    messages: each fetched partition's records go to `lane.put` as one list, with the
+    generation they were fetched in; every other topic takes Faust's path as before. Records
+    are handed over only while Faust's flow is active and for partitions Faust reads now
+    (active, not paused for recovery), as Faust's own getmany checks."""
+    lane = None  # the streams.bulk_lane.BulkLane, set by use_bulk_lane
+
+    async def _wait_next_records(self, timeout):
+        records, active = await super()._wait_next_records(timeout)
+        lane = self.lane
+        if not records or lane is None:
+            return records, active
+        bulk = [tp for tp in records if tp.topic in lane.topics]
+        if not bulk:
+            return records, active
+        generation = self.app.consumer_generation_id
+        for tp in bulk:
+            fetched = records.pop(tp)
+            if self.flow_active and not self.should_stop and (
+                    active is None or tp in active or tp in self._buffered_partitions):
+                await lane.put(self, tp, fetched, generation)
+        return records, active
+
+
+class BulkTransport(faust_aiokafka.Transport):
+    Consumer = BulkConsumer
+
+
+def use_bulk_lane(app, lane) -> None:
+    """Deliver `lane.topics` to `lane` (before the app has made its consumer); the topics are
+    subscribed as an agent's would be, so assignment and co-partitioning are unchanged."""
+    BulkConsumer.lane = lane
+    app.transport = BulkTransport(app.conf.broker_consumer, app)
+
+
+class InFlight:
+    """A lane batch being processed, counted among the consumer's unacked messages: Faust's
+    rebalance and shutdown wait for it (wait_empty) as for a stream's events."""
+    __slots__ = ("acked", "refcount", "__weakref__")
+
+    def __init__(self, consumer):
+        self.acked, self.refcount = False, 1
+        consumer._unacked_messages.add(self)
+
+    def done(self, consumer) -> None:
+        self.acked, self.refcount = True, 0
+        consumer._unacked_messages.discard(self)
+        notify(consumer._waiting_for_ack)
+
+
+def ack_range(consumer, tp, first: int, last: int) -> int:
+    """Ack offsets first..last of `tp` as Faust's per-message ack does (Faust commits the
+    acked offsets); returns how many were new."""
+    committed = consumer._committed_offset[tp]
+    index = consumer._acked_index[tp]
+    start = first if committed is None else max(first, committed)
+    new = [o for o in range(start, last + 1) if o not in index]
+    if new:
+        consumer._acked[tp].extend(new)
+        index.update(new)
+        consumer._n_acked += len(new)
+    return len(new)

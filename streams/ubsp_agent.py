@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from typing import Callable
 
 from core.kafka import key_partition
-from core.records import BehaviorEvent, ClosedPartition, InvalidRecord, PartitionEvent, decode
+from core.behavior_decoder import decode_behavior
+from core.records import ClosedPartition, InvalidRecord, PartitionEvent, check_time
 from ops import metrics
 from streams import ubsp
 from streams.item_texts import ItemTexts
@@ -59,6 +60,9 @@ class UbspAgent:
             max_payload_bytes, max_future_s, partitions)
         self.quiet = QuietUsers(rules)
         self._indexed = None  # the consumer generation the quiet index was built for
+        # states of batches whose checkpoint is still under way (not in `states` yet): the
+        # next batch reads them from here, each as a copy, so a write keeps its own batch's
+        self.unwritten: dict[bytes, ubsp.UserState] = {}
 
     # --- one batch ------------------------------------------------------------------------
     def process(self, batch: list) -> Touched:
@@ -95,16 +99,30 @@ class UbspAgent:
         entry = touched.get(key)
         if entry is not None:
             return entry[0]
+        held = self.unwritten.get(key)
+        if held is not None:
+            return _copy(held)
         stored = self.states.get(key)
         return ubsp.from_stored(stored) if stored else stored
+
+    def hold(self, touched: Touched) -> None:
+        """The batch's states are on their way to the table: later batches read them here."""
+        for key, (state, _) in touched.items():
+            self.unwritten[key] = state
+
+    def written(self, touched: Touched) -> None:
+        """The batch's states are in the table (a later batch's newer state stays held)."""
+        unwritten = self.unwritten
+        for key, (state, _) in touched.items():
+            if unwritten.get(key) is state:
+                del unwritten[key]
 
     def apply_one(self, event, now: float, touched: Touched) -> str:
         """Apply one event; returns its outcome. Raises InvalidRecord for a record to
         dead-letter (a late event among them)."""
         message = event.message
-        record = decode(BehaviorEvent, message.value, key=message.key,
-                        max_bytes=self.max_payload_bytes)
-        record.check_time(max_future_s=self.max_future_s, now=now)
+        record = decode_behavior(message.value, message.key, max_bytes=self.max_payload_bytes)
+        check_time(record.ts, max_future_s=self.max_future_s, now=now)
         key, offset = message.key, message.offset
         self.quiet.observe(message.partition, record.ts)
         state = self.state_of(key, touched) or ubsp.new_state()
@@ -112,7 +130,7 @@ class UbspAgent:
             return REPLAYED  # redelivered after a crash; the recovered state already has it
         # add_event works in place: keep a shallow copy so that a partition that cannot be
         # encoded leaves the user's cache as it was (only this event is dead-lettered).
-        before = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
+        before = _copy(state)
         outcome, closed = ubsp.add_event(state, record.user_id, record.event_id, record.item_id,
                                          record.action, record.ts, record.value, self.rules,
                                          self.drift)
@@ -173,6 +191,9 @@ class UbspAgent:
             if state and state["events"]:
                 self.quiet.track(key_partition(key, self.partitions), key, ubsp.from_stored(state))
 
+    def moved(self, generation) -> bool:
+        return generation != self._indexed
+
     def reindex_if_moved(self, generation, settled: bool) -> None:
         """Rebuild the quiet index when the consumer generation changed (partitions may have
         moved) and the assignment is settled (no rebalance or recovery under way)."""
@@ -183,3 +204,8 @@ class UbspAgent:
     def open_caches(self) -> int:
         """Open caches, as the quiet index knows them."""
         return sum(map(len, self.quiet.open.values()))
+
+
+def _copy(state: ubsp.UserState) -> ubsp.UserState:
+    """A copy whose lists can change without changing the original's (rows are immutable)."""
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}

@@ -204,3 +204,84 @@ def test_the_consumer_attributes_group_member_alive_reads_are_still_there():
     assert "self._thread = " in inspect.getsource(delegate)
     assert "self._coordinator = " in inspect.getsource(hook("aiokafka.AIOKafkaConsumer"))
     assert faust_compat.group_member_alive(SimpleNamespace(_consumer=None)) is None
+
+
+# --- the bulk lane's hooks ----------------------------------------------------------------------
+def test_bulk_consumer_overrides_what_faust_getmany_calls():
+    from faust.transport.consumer import Consumer
+    theirs = hook("faust.transport.consumer.Consumer._wait_next_records")
+    same_parameters(faust_compat.BulkConsumer._wait_next_records, theirs,
+                    "Consumer._wait_next_records")
+    assert "self._wait_next_records(" in inspect.getsource(Consumer.getmany), (
+        "Faust hook Consumer._wait_next_records is no longer how getmany fetches: the bulk "
+        "lane would get nothing")
+    assert hook("faust.transport.drivers.aiokafka.Transport.Consumer") is hook(
+        "faust.transport.drivers.aiokafka.Consumer")
+    init = inspect.getsource(Consumer.__init__)
+    for name in ("_acked", "_acked_index", "_committed_offset", "_unacked_messages",
+                 "_buffered_partitions", "_waiting_for_ack"):
+        assert f"self.{name} = " in init, f"Faust hook Consumer.{name} is gone"
+    assert "self._n_acked += 1" in inspect.getsource(Consumer.ack), "Consumer._n_acked is gone"
+    assert "message.acked" in inspect.getsource(Consumer._clean_unacked_messages), (
+        "Faust hook Consumer._clean_unacked_messages no longer reads .acked: InFlight breaks")
+    assert "self._unacked_messages" in inspect.getsource(Consumer.wait_empty), (
+        "Faust hook Consumer.wait_empty no longer waits on _unacked_messages: a rebalance "
+        "would not wait for the lane's batch")
+    assert isinstance(hook("faust.streams._current_event"), __import__("contextvars").ContextVar)
+
+
+def bulk_app(scenario) -> None:
+    """A Faust app whose consumer (made, not started) is the bulk lane's."""
+    from streams.bulk_lane import BulkLane
+
+    async def main():
+        app = faust.App("test-bulk", broker="kafka://127.0.0.1:1", store="memory://",
+                        web_enabled=False)
+        lane = BulkLane({"behaviors"}, max_pending=1000)
+        faust_compat.use_bulk_lane(app, lane)
+        await scenario(app, lane, app.consumer)
+
+    asyncio.run(main())
+
+
+def test_acked_ranges_and_in_flight_batches_are_what_faust_commits_and_waits_for():
+    from faust.types import TP
+
+    async def scenario(app, lane, consumer):
+        assert isinstance(consumer, faust_compat.BulkConsumer), "use_bulk_lane did not apply"
+        tp = TP("behaviors", 0)
+        token = faust_compat.InFlight(consumer)
+        assert token in consumer._unacked_messages
+        assert faust_compat.ack_range(consumer, tp, 0, 9) == 10
+        assert faust_compat.ack_range(consumer, tp, 5, 12) == 3   # 5..9 were acked already
+        token.done(consumer)
+        consumer._clean_unacked_messages()
+        assert not consumer._unacked_messages
+        assert consumer._new_offset(tp) == 13, (
+            "Faust hook Consumer._acked/_acked_index: the offsets ack_range acked are not "
+            "the ones Faust commits")
+    bulk_app(scenario)
+
+
+def test_file_under_files_table_writes_outside_a_stream(monkeypatch):
+    from streams.bulk_lane import LaneEvent
+    sent = []
+
+    def fake_send_changelog(self, partition, key, value, key_serializer=None,
+                            value_serializer=None):
+        sent.append(key)
+        return SimpleNamespace(message=SimpleNamespace(partition=1))
+
+    monkeypatch.setattr(faust.tables.base.Collection, "send_changelog", fake_send_changelog)
+
+    async def scenario(app):
+        table = TrackedTable(app, name="t", partitions=2, key_type=bytes, use_partitioner=True)
+        record = SimpleNamespace(topic="behaviors", partition=1, offset=7, key=b"k", value=b"v")
+        event = LaneEvent(record)  # Faust holds the current event by a weak reference
+        with faust_compat.file_under() as file:
+            file(event)
+            assert faust.streams.current_event().message is record
+            table[b"k"] = {"seq": 1}
+        assert faust.streams.current_event() is None, "file_under did not restore the event"
+        assert sent == [b"k"] and table[b"k"] == {"seq": 1}
+    in_app(scenario)

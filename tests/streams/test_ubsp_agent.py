@@ -197,3 +197,21 @@ def test_item_texts_keep_found_titles_until_a_changelog_record_replaces_them():
     assert texts.text_of("i1") == "Heat (1995)"  # kept in memory
     texts.forget_keys([b"i1"])
     assert texts.known_text("i1") == "Heat (1995, director's cut)"
+
+
+def test_a_batch_reads_the_states_of_the_batch_still_being_written():
+    """The worker processes a batch while the one before is made durable: the next batch reads
+    the held states (not the older table rows), as copies, so the write in flight keeps its own
+    batch's state; a newer held state stays when the older write ends."""
+    h = Harness()
+    first = h.agent.process([h.event("a", "u1", T0)])
+    h.agent.hold(first)                       # on its way to the table; the table is empty
+    second = h.agent.process([h.event("b", "u1", T0 + 10)])
+    held = first[b"u1"][0]
+    assert [e.event_id for e in held["events"]] == ["a"]          # untouched by batch two
+    assert [e.event_id for e in second[b"u1"][0]["events"]] == ["a", "b"]
+    h.agent.hold(second)
+    h.agent.written(first)                    # the first write ends: the newer state stays
+    assert h.agent.unwritten[b"u1"] is second[b"u1"][0]
+    h.agent.written(second)
+    assert h.agent.unwritten == {}
