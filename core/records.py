@@ -348,8 +348,13 @@ class ClosedPartition(Record):
         gets an equal share of the room the rest of the record leaves; the cut is a pure
         function of the partition, so a re-published partition has the same bytes. Only when
         even empty texts do not fit (ids alone too large for max_events) is it left larger."""
-        texts = [_cut(e.text, MAX_TEXT_LEN) for e in self.events]
-        data = self.to_dict()
+        return self.dict_within(self.to_dict(), max_bytes)
+
+    @staticmethod
+    def dict_within(data: dict, max_bytes: int) -> bytes:
+        """`encode_within` of a partition given as `to_dict()` writes it (the stream worker
+        builds that dict straight from its rows)."""
+        texts = [_cut(e["text"], MAX_TEXT_LEN) for e in data["events"]]
         for event, text in zip(data["events"], texts):
             event["text"] = text
         raw = _dumps(data)

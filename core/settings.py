@@ -67,7 +67,7 @@ class Settings:
                           "0 disables (0.55: p99 on MovieLens-1M, see streams/drift.py)"})
     drift_min_events: int = field(default=5, metadata={"help": "drift closes only caches of at least this many events"})
     # --- worker ------------------------------------------------------------------
-    batch_size: int = field(default=2000, metadata={"help": "events taken from the stream per batch"})
+    batch_size: int = field(default=8000, metadata={"help": "events taken from the stream per batch"})
     # --- LLM workers (UIL) ---------------------------------------------------------
     llm_backend: str = field(default="auto",
                              metadata={"help": "auto (vllm when installed, else transformers), transformers, vllm, vllm-server, failing (tests: injects failures) or module:factory"})

@@ -5,8 +5,9 @@ are encoded with their item texts and sent; invalid records are dead-lettered wi
 reason; then users who went quiet on the partitions the batch advanced are swept. The caller
 (streams/app.py) writes the touched states and acks the batch once the sends are durable.
 
-An event is what Faust's stream yields: an object whose `message` has `topic`, `partition`,
-`offset`, `key` and `value` (the raw record bytes).
+An event is what the bulk lane yields (streams/bulk_lane.LaneEvent) or a Faust stream would:
+an object whose `message` has `topic`, `partition`, `offset`, `key` and `value` (the raw
+record bytes).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable
 
 from core.kafka import key_partition
 from core.behavior_decoder import decode_behavior
-from core.records import ClosedPartition, InvalidRecord, PartitionEvent, check_time
+from core.records import ClosedPartition, InvalidRecord, check_time
 from ops import metrics
 from streams import ubsp
 from streams.item_texts import ItemTexts
@@ -25,6 +26,7 @@ from streams.quiet_users import QuietUsers
 
 log = logging.getLogger("liber.stream")
 REPLAYED = "replayed"
+PARTITION_SCHEMA = ClosedPartition.schema_id()
 PROCESSING_ERROR = "processing_error"
 
 # user key -> (the user's new state, an event of that user in the batch)
@@ -152,10 +154,15 @@ class UbspAgent:
 
     # --- closed partitions ----------------------------------------------------------------
     def encode_partition(self, closed: ubsp.Closed) -> bytes:
-        events = [PartitionEvent(e.event_id, e.item_id, e.action, e.ts, e.value,
-                                 self.texts.text_of(e.item_id)) for e in closed.events]
-        return ClosedPartition(closed.user_id, closed.seq, tuple(events), closed.start_ts,
-                               closed.end_ts, closed.reason).encode_within(self.max_payload_bytes)
+        """ClosedPartition(...).encode_within(max_payload_bytes), from the rows directly."""
+        text_of = self.texts.text_of
+        return ClosedPartition.dict_within({
+            "schema": PARTITION_SCHEMA, "user_id": closed.user_id, "seq": closed.seq,
+            "events": [{"event_id": e.event_id, "item_id": e.item_id, "action": e.action,
+                        "ts": e.ts, "value": e.value, "text": text_of(e.item_id)}
+                       for e in closed.events],
+            "start_ts": closed.start_ts, "end_ts": closed.end_ts, "reason": closed.reason},
+            self.max_payload_bytes)
 
     def send_partition(self, closed: ubsp.Closed, value: bytes, event) -> None:
         self._send(closed.user_id.encode(), value, event)

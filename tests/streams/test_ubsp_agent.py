@@ -215,3 +215,16 @@ def test_a_batch_reads_the_states_of_the_batch_still_being_written():
     assert h.agent.unwritten[b"u1"] is second[b"u1"][0]
     h.agent.written(second)
     assert h.agent.unwritten == {}
+
+
+def test_a_closed_partition_has_the_bytes_of_its_record_encoded():
+    """The agent builds the record's JSON from its rows: the same bytes as
+    records.ClosedPartition.encode_within (a republished partition must be byte-identical)."""
+    values = []
+    h = Harness()
+    h.agent._send = lambda key, value, event: values.append((key, value))
+    h.run(h.event("a", "u1", T0), h.event("b", "u1", T0 + 50, item="i9"))
+    h.run(h.event("c", "u1", T0 + 151))
+    [(key, value)] = values
+    record = decode(ClosedPartition, value, key=key)
+    assert record.encode_within(64 * 1024) == value
