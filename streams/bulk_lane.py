@@ -57,7 +57,7 @@ class BulkLane:
         self._want = max_pending
         self._room = asyncio.Event()
         self._room.set()
-        self._newest: dict = {}  # tp -> highest offset handed out in this run
+        self._newest: dict = {}  # tp -> (generation, highest offset handed out in it)
         self.consumer = None
 
     # --- the fetcher's side (faust_compat.BulkConsumer) --------------------------------------

@@ -12,8 +12,8 @@ changed, then bump PINNED_VERSION. The hooks, what they are for:
   Stream.enable_acks, Stream.ack    batches / ack_all: acks left to the caller
   Stream._set_current_event         filed_under: the partition a table write is filed under
   App.consumer_generation_id, .rebalancing, .in_recovery, .crash    the UBSP agent's wiring
-  aiokafka Transport.Consumer, Consumer._wait_next_records, ._get_active_partitions,
-  ._buffered_partitions, .flow_active        BulkConsumer: bulk topics' fetches to a lane
+  aiokafka Transport.Consumer, Consumer._wait_next_records, ._buffered_partitions,
+  .flow_active, App.transport (setter)      BulkConsumer: bulk topics' fetches to a lane
   Consumer._acked, ._acked_index, ._committed_offset, ._n_acked, ._unacked_messages,
   ._waiting_for_ack                          ack_range / InFlight: the lane's acks and batches
   faust.streams._current_event               file_under: table writes outside a stream
