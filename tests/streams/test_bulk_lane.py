@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-import faust
 from faust.types import TP
 
-from streams import faust_compat
-from streams.bulk_lane import BulkLane
+from tests.streams.test_faust_compat import bulk_app
 
 TP0, TP1 = TP("behaviors", 0), TP("behaviors", 1)
 
@@ -22,16 +20,11 @@ def records(tp, first: int, last: int) -> list:
 
 
 def run(scenario) -> None:
-    async def main():
-        app = faust.App("test-lane", broker="kafka://127.0.0.1:1", store="memory://",
-                        web_enabled=False)
-        lane = BulkLane({"behaviors"}, max_pending=1000)
-        faust_compat.use_bulk_lane(app, lane)
-        consumer = app.consumer
-        consumer.flow_active = True
+    async def taking(app, lane, consumer):
+        consumer.flow_active = True  # as once Faust's consumer has started
         await scenario(app, lane, consumer, lane.batches(app, max_events=8, wait_s=0.01))
 
-    asyncio.run(main())
+    bulk_app(taking)
 
 
 def offsets(batch) -> list[tuple[int, int]]:

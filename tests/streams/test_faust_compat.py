@@ -231,7 +231,8 @@ def test_bulk_consumer_overrides_what_faust_getmany_calls():
 
 
 def bulk_app(scenario) -> None:
-    """A Faust app whose consumer (made, not started) is the bulk lane's."""
+    """`scenario(app, lane, consumer)` on a Faust app whose consumer (made, not started) is the
+    bulk lane's (max_pending 1000); tests/streams/test_bulk_lane.py uses it too."""
     from streams.bulk_lane import BulkLane
 
     async def main():
