@@ -277,12 +277,11 @@ class BulkConsumer(faust_aiokafka.Consumer):
     generation they were fetched in; every other topic takes Faust's path as before. Records
     are handed over only while Faust's flow is active and for partitions Faust reads now
     (active, not paused for recovery), as Faust's own getmany checks."""
-    lane = None  # the streams.bulk_lane.BulkLane, set by use_bulk_lane
 
     async def _wait_next_records(self, timeout):
         records, active = await super()._wait_next_records(timeout)
-        lane = self.lane
-        if not records or lane is None:
+        lane = self.transport.lane
+        if not records:
             return records, active
         bulk = [tp for tp in records if tp.topic in lane.topics]
         if not bulk:
@@ -297,14 +296,19 @@ class BulkConsumer(faust_aiokafka.Consumer):
 
 
 class BulkTransport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport whose consumer delivers `lane.topics` to `lane`."""
     Consumer = BulkConsumer
+
+    def __init__(self, url, app, lane):
+        super().__init__(url, app)
+        self.lane = lane
 
 
 def use_bulk_lane(app, lane) -> None:
-    """Deliver `lane.topics` to `lane` (before the app has made its consumer); the topics are
-    subscribed as an agent's would be, so assignment and co-partitioning are unchanged."""
-    BulkConsumer.lane = lane
-    app.transport = BulkTransport(app.conf.broker_consumer, app)
+    """Deliver `lane.topics` to `lane` (before the app has made its consumer). The caller
+    still subscribes the topics (`app.topics.add`), as an agent would, so assignment and
+    co-partitioning are unchanged."""
+    app.transport = BulkTransport(app.conf.broker_consumer, app, lane)
 
 
 class InFlight:

@@ -250,6 +250,7 @@ def test_acked_ranges_and_in_flight_batches_are_what_faust_commits_and_waits_for
 
     async def scenario(app, lane, consumer):
         assert isinstance(consumer, faust_compat.BulkConsumer), "use_bulk_lane did not apply"
+        assert consumer.transport.lane is lane, "Faust hook Consumer.transport is gone"
         tp = TP("behaviors", 0)
         token = faust_compat.InFlight(consumer)
         assert token in consumer._unacked_messages
