@@ -14,6 +14,9 @@ changed, then bump PINNED_VERSION. The hooks, what they are for:
   App.consumer_generation_id, .rebalancing, .in_recovery, .crash    the UBSP agent's wiring
   aiokafka Transport.Consumer, Consumer._wait_next_records, ._buffered_partitions,
   .flow_active, App.transport (setter)      BulkConsumer: bulk topics' fetches to a lane
+  aiokafka Consumer._new_consumer_thread, AIOKafkaConsumerThread._consumer; aiokafka's
+  GroupCoordinator.check_errors, ._coordination_task, AIOKafkaConsumer._client
+                                    CoordinatorErrorsThread: a failed join is retried
   Consumer._acked, ._acked_index, ._committed_offset, ._n_acked, ._unacked_messages,
   ._waiting_for_ack                          ack_range / InFlight: the lane's acks and batches
   faust.streams._current_event               file_under: table writes outside a stream
@@ -32,7 +35,10 @@ import faust
 import faust.streams
 from faust.sensors.monitor import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode import Service
 from mode.utils.futures import notify
+
+from core import logs
 
 log = logging.getLogger("liber.stream")
 PINNED_VERSION = "0.15.3"  # faust-streaming, as tests/streams/test_faust_compat.py checked it
@@ -293,6 +299,49 @@ class BulkConsumer(faust_aiokafka.Consumer):
                     active is None or tp in active or tp in self._buffered_partitions):
                 await lane.put(self, tp, fetched, generation)
         return records, active
+
+
+    def _new_consumer_thread(self):
+        return CoordinatorErrorsThread(self, loop=self.loop, beacon=self.beacon)
+
+
+# Often enough that a failed join is retried at once, seldom enough to cost nothing.
+COORDINATOR_ERRORS_EVERY_S = 1.0
+
+
+class CoordinatorErrorsThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, which also reads the errors aiokafka's group coordinator hands
+    to its user. After a failed join or sync (any KafkaError: a coordinator that moved, an
+    assignor that raised) the coordinator waits until getmany/getone reads the error, then
+    joins again. Faust fetches through aiokafka's fetcher and never calls either, so the
+    coordinator waited for good: no heartbeats, no rejoin, an idle worker in an empty group.
+    Seen on a new three-node cluster: Faust's assignor raised KeyError for a global table's
+    changelog that the leader's metadata did not list yet (the start that wedged)."""
+
+    _stopped_logged = False
+
+    @Service.timer(COORDINATOR_ERRORS_EVERY_S)
+    async def _read_coordinator_errors(self) -> None:
+        from aiokafka.errors import KafkaError
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        task = getattr(coordinator, "_coordination_task", None)
+        if task is None:
+            return
+        if task.done():  # the coordinator itself ended: nothing to retry, the watchdog exits
+            if not (self._stopped_logged or task.cancelled() or task.exception() is None
+                    or self.should_stop):
+                self._stopped_logged = True
+                logs.event(log, "group_coordinator_stopped", logging.ERROR,
+                           error=repr(task.exception()))
+            return
+        try:
+            coordinator.check_errors()
+        except KafkaError as exc:
+            # Fresh metadata before the next join (it waits for this update): a join failed
+            # on a topic missing from the metadata fails again on the same metadata.
+            self._consumer._client.force_metadata_update()
+            logs.event(log, "group_join_failed", logging.WARNING, error=repr(exc),
+                       action="join again with fresh metadata")
 
 
 class BulkTransport(faust_aiokafka.Transport):

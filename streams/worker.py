@@ -8,14 +8,11 @@ in the state, see streams/ubsp_agent.py.)
 
 A start or a rebalance that wedges is cut short by `RebalanceWatchdog`: a worker without
 progress for REBALANCE_STALL_S exits non-zero, for its supervisor to restart (a hung worker is
-worse than a crashed one). Two wedges were seen: a worker silent after "Recovery: Starting..."
-for good (three-node cluster), and a worker that, after a peer's death started a rebalance,
-stopped heartbeating and never joined again, so its group stayed empty while its event loop
-idled (single broker, two workers). On a new three-node cluster the first start of a worker
-wedged in 3 of 4 chaos runs, each time after Faust's assignor logged "Ignoring missing topic"
-for the changelog Faust had just created; creating the changelogs ahead of Faust removed that
-warning but not the wedge (it then came before the first rebalance began), so the missing
-topic is a symptom, not the cause.
+worse than a crashed one). The wedge seen on a new three-node cluster had a cause, now fixed:
+after a failed join (Faust's assignor raised KeyError for a global table's changelog the
+leader's metadata did not list yet) aiokafka's coordinator waits for its user to read the
+error, which Faust never does; streams/faust_compat.CoordinatorErrorsThread reads it and the
+consumer joins again. The watchdog stays for wedges not understood yet.
 """
 from __future__ import annotations
 

@@ -287,3 +287,19 @@ def test_file_under_files_table_writes_outside_a_stream(monkeypatch):
         assert faust.streams.current_event() is None, "file_under did not restore the event"
         assert sent == [b"k"] and table[b"k"] == {"seq": 1}
     in_app(scenario)
+
+
+def test_coordinator_errors_thread_replaces_the_thread_faust_makes_and_reads_what_it_reads():
+    """CoordinatorErrorsThread replaces Faust's consumer thread and reads aiokafka's pending
+    coordinator errors; an upgrade that renames a hook would bring back the consumer that
+    never joins its group again after a failed join."""
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+    theirs = hook("faust.transport.drivers.aiokafka.Consumer._new_consumer_thread")
+    same_parameters(faust_compat.BulkConsumer._new_consumer_thread, theirs,
+                    "Consumer._new_consumer_thread")
+    assert issubclass(faust_compat.CoordinatorErrorsThread,
+                      hook("faust.transport.drivers.aiokafka.AIOKafkaConsumerThread"))
+    assert "self._coordination_task = " in inspect.getsource(GroupCoordinator)
+    assert "self._pending_exception" in inspect.getsource(GroupCoordinator.check_errors)
+    assert "self._client = " in inspect.getsource(hook("aiokafka.AIOKafkaConsumer"))
+    hook("aiokafka.AIOKafkaClient.force_metadata_update")
