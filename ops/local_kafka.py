@@ -489,8 +489,22 @@ class LocalKafkaCluster:
 
     def partitions(self, topics: list[str] | None = None, via: int | None = None) -> list[dict]:
         """Every partition of `topics` (default: all) as {topic, partition, leader, replicas,
-        isr}, as any node sees it, or node `via` (the one its admin client bootstraps from)."""
-        admin = self._admin(self.node(via).bootstrap if via else None)
+        isr}, as a running node sees it, or node `via` (the one its admin client bootstraps
+        from). Without `via` each running node is asked in turn: while a node is down, an
+        admin client bootstrapped from all of them may pick the dead one."""
+        if via:
+            return self._describe(self.node(via).bootstrap, topics)
+        from kafka.errors import KafkaError
+        error: Exception = KafkaError("no node running")
+        for node in [n for n in self.nodes if n.running()] or self.nodes:
+            try:
+                return self._describe(node.bootstrap, topics)
+            except (KafkaError, OSError) as exc:
+                error = exc
+        raise error
+
+    def _describe(self, bootstrap: str, topics: list[str] | None) -> list[dict]:
+        admin = self._admin(bootstrap)
         try:
             return [{"topic": t["name"], "partition": p["partition_index"],
                      "leader": p["leader_id"], "replicas": p["replica_nodes"],
