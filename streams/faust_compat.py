@@ -300,7 +300,6 @@ class BulkConsumer(faust_aiokafka.Consumer):
                 await lane.put(self, tp, fetched, generation)
         return records, active
 
-
     def _new_consumer_thread(self):
         return CoordinatorErrorsThread(self, loop=self.loop, beacon=self.beacon)
 

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import faust
+from kafka.admin import NewTopic
 
 from core.kafka import make_admin
 from streams import faust_compat
@@ -22,7 +23,6 @@ def test_a_join_whose_assignment_raised_is_retried_until_partitions_are_assigned
     name = f"rejoin-{uuid.uuid4().hex[:8]}"
     admin = make_admin(base_settings(bootstrap_servers=kafka.bootstrap))
     try:
-        from kafka.admin import NewTopic
         admin.create_topics([NewTopic(name, 2, 1)])
     finally:
         admin.close()
