@@ -47,11 +47,11 @@ def configurations(settings) -> dict[str, tuple[dict, int, int]]:
     chosen = backends.resolve(settings)
     fast = backends.fastest(settings)
     out = {"old_default": (OLD_DEFAULT, OLD_BATCH, OLD_TOKENS),
-           "transformers_v4": ({"llm_template": "uil-compact-v4", "llm_no_repeat_ngram": 3,
+           "transformers_v5": ({"llm_template": "uil-compact-v5", "llm_no_repeat_ngram": 3,
                                 "llm_backend": "transformers", "llm_dtype": fast.llm_dtype},
                                16, 64)}
-    if fast.llm_backend == "vllm":
-        out["vllm_v3"] = ({"llm_template": "uil-compact-v3", "llm_no_repeat_ngram": 3,
+    if fast.llm_backend == "vllm":   # the previous default, for the template's own effect
+        out["vllm_v4"] = ({"llm_template": "uil-compact-v4", "llm_no_repeat_ngram": 3,
                            "llm_backend": "vllm", "llm_dtype": fast.llm_dtype}, 64, 64)
     out["default"] = ({"llm_backend": chosen.llm_backend, "llm_dtype": chosen.llm_dtype,
                        "llm_vllm_kv_cache_mb": chosen.llm_vllm_kv_cache_mb},

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "LIBER_"
+# the prompt templates llm_workers/prompts.py knows (a test keeps the two lists equal)
+TEMPLATES = ("uil-compact-v5", "uil-compact-v4", "uil-compact-v3", "uil-kar-v2")
 
 
 class SettingsError(ValueError):
@@ -81,10 +83,11 @@ class Settings:
     llm_max_new_tokens: int = field(default=64, metadata={"help": "answer length cap (tokens; the two v3 lines need about 55)"})
     llm_repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 disables (the default; README: DARE)"})
     llm_template: str = field(
-        default="uil-compact-v4",
-        metadata={"help": "prompt template: uil-compact-v4 (v3 in fewer words, bare titles, "
-                          "genres and years summed up), uil-compact-v3 (two short lines, static "
-                          "instructions first) or uil-kar-v2 (the earlier three-line one)"})
+        default="uil-compact-v5",
+        metadata={"help": "prompt template: uil-compact-v5 (v4 without middling titles, "
+                          "answers in plain prose), uil-compact-v4 (v3 in fewer words, bare "
+                          "titles, genres and years summed up), uil-compact-v3 (two short lines, "
+                          "static instructions first) or uil-kar-v2 (the earlier three-line one)"})
     llm_no_repeat_ngram: int = field(
         default=3, metadata={"help": "ban an n-gram repeated inside one answer (tokens compared "
                                      "as a reader sees them; the prompt may be copied); 0 "
@@ -203,8 +206,9 @@ class Settings:
                      "llm_max_attempts", "llm_max_title_chars", "llm_max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        if self.llm_template not in ("uil-compact-v3", "uil-compact-v4", "uil-kar-v2"):
-            raise bad("llm_template", "must be uil-compact-v3, uil-compact-v4 or uil-kar-v2")
+        if self.llm_template not in TEMPLATES:
+            raise bad("llm_template", "must be " + ", ".join(TEMPLATES[:-1])
+                      + " or " + TEMPLATES[-1])
         if self.llm_no_repeat_ngram < 0:
             raise bad("llm_no_repeat_ngram", "must be >= 0 (0 disables)")
         if self.llm_max_summary_chars < 80:

@@ -37,8 +37,9 @@ from core.activity import Activity, split_genres
 KAR_V2 = "uil-kar-v2"          # v2: angle brackets in untrusted text neutralised
 COMPACT_V3 = "uil-compact-v3"  # v3: static instructions first, genre counts, two short lines
 COMPACT_V4 = "uil-compact-v4"  # v4: v3 in fewer words, bare titles (genres, years summed up)
-TEMPLATES = (KAR_V2, COMPACT_V3, COMPACT_V4)
-TEMPLATE_VERSION = COMPACT_V4  # the default
+COMPACT_V5 = "uil-compact-v5"  # v5: v4 with the strongest titles only, no quotes in answers
+TEMPLATES = (KAR_V2, COMPACT_V3, COMPACT_V4, COMPACT_V5)
+TEMPLATE_VERSION = COMPACT_V5  # the default
 
 SUMMARY, SHIFT, PROFILE = "SUMMARY", "SHIFT", "PROFILE"
 CASCADE_LABELS = (SUMMARY, SHIFT, PROFILE)
@@ -73,6 +74,12 @@ V4_NAIVE_SYSTEM = V4_SYSTEM.replace("the previous profile, kept unless the new r
 V3_NAIVE_SYSTEM = V3_SYSTEM.replace("keep what the previous profile says unless the new ratings "
                                     "contradict it, and add what is new",
                                     "from all their ratings, earlier and new")
+# v5: v4's system message, and in the data only what says most about taste: titles rated 3
+# are counted, not listed (the genre line already leaves them out), at most 8 new titles a
+# group (the strongest ratings; naive's earlier history keeps all), no alternative titles, a
+# new person's context in one word: 0.83x v4's prompt tokens on MovieLens-1M. The answer
+# holds no double quote (`ChatPrompt.no_quotes`): the 135M model wrote most of the titles it
+# invented in quotes.
 
 # Context kinds (recorded in each Summary.context)
 CONTEXT_PREVIOUS = "previous"        # the user's own cascaded summary n-1
@@ -107,11 +114,16 @@ _CONTEXT_HEADINGS = {
     CONTEXT_COLLECTIVE: "Profile of people with similar first ratings (this person is new)",
 }
 _NO_CONTEXT = "Previous profile: none, this person is new."
+_V5_HEADINGS = {CONTEXT_PREVIOUS: "Previous profile",
+                CONTEXT_COLLECTIVE: "Profile of people with similar first ratings"}
+_V5_NO_CONTEXT = "Previous profile: none."
+V5_TITLES_PER_GROUP = 8   # of the new ratings; the genre and release lines count every item
 
 _LINE_WEIGHTS = {3: (0.3, 0.25, 0.45), 2: (0.4, 0.6)}
 _WS = re.compile(r"\s+")
 _ANGLES = {"<": "\u2039", ">": "\u203a"}  # single angle quotation marks
 _YEAR = re.compile(r"^(.*\S)\s*\((\d{4})\)$")
+_ALTERNATIVE = re.compile(r"^(.*\S)\s+\([^()]*\)$")  # `Seven (Se7en)`
 _TRAILING_ARTICLE = re.compile(r"^(.*), (The|A|An)$")  # MovieLens writes `Game, The`
 
 
@@ -129,6 +141,7 @@ class ChatPrompt:
     starters: tuple[str, ...] = ()
     version: str = TEMPLATE_VERSION
     no_digits: bool = False    # the answer may hold no digit (v3: digits were loops, not facts)
+    no_quotes: bool = False    # nor a double quote (v5: quoted titles were invented)
 
     def line_weights(self) -> tuple[float, ...]:
         """Each line's share of the answer's token budget (the profile gets the most)."""
@@ -171,12 +184,14 @@ def clean_text(text: str, max_chars: int, *, quote: str | None = '"') -> str:
     return flat
 
 
-def item_line(activity: Activity, max_title_chars: int, *, bare: bool = False) -> str:
+def item_line(activity: Activity, max_title_chars: int, *, bare: bool = False,
+              short: bool = False) -> str:
     """`"Heat (1995)" [Action|Crime]`; `bare`: `"Heat"` (v4: genres and years are summed up
-    in their own lines, which costs a third of the tokens of repeating them per item)."""
+    in their own lines, which costs a third of the tokens of repeating them per item);
+    `short`: bare and without an alternative title in brackets (v5)."""
     title, genres = split_genres(activity.text)
-    if bare:
-        return f'"{clean_text(bare_title(title), max_title_chars)}"'
+    if bare or short:
+        return f'"{clean_text(bare_title(title, alternative=not short), max_title_chars)}"'
     line = f'"{clean_text(title, max_title_chars)}"'
     if genres:
         line += " [" + "|".join(clean_text(g, 40, quote=None).replace("|", "/")
@@ -184,10 +199,13 @@ def item_line(activity: Activity, max_title_chars: int, *, bare: bool = False) -
     return line
 
 
-def bare_title(title: str) -> str:
-    """`Game, The (1997)` -> `The Game`: the title as people write it, without its year."""
+def bare_title(title: str, *, alternative: bool = True) -> str:
+    """`Game, The (1997)` -> `The Game`: the title as people write it, without its year;
+    without `alternative`, `Seven (Se7en) (1995)` -> `Seven`."""
     match = _YEAR.match(title)
     name = match.group(1) if match else title
+    if not alternative:
+        name = _ALTERNATIVE.sub(r"\1", name)
     article = _TRAILING_ARTICLE.match(name)
     return f"{article.group(2)} {article.group(1)}" if article else name
 
@@ -208,23 +226,40 @@ def release_line(activities: Sequence[Activity]) -> str:
 
 
 def grouped(activities: Sequence[Activity], max_title_chars: int, *,
-             bare: bool = False) -> list[str]:
-    """Ratings grouped into high / middle / low (so dislikes stand out), other actions apart."""
-    groups: dict[str, list[str]] = {"high": [], "mid": [], "low": [], "other": []}
+            bare: bool = False, short: bool = False,
+            titles_per_group: int | None = None) -> list[str]:
+    """Ratings grouped into high / middle / low (so dislikes stand out), other actions apart.
+    `short` (v5): short titles, titles rated 3 counted, not listed, and at most
+    `titles_per_group` titles per group, the strongest ratings first."""
+    groups: dict[str, list[tuple[float, str]]] = {"high": [], "mid": [], "low": [], "other": []}
     for a in activities:
-        line = item_line(a, max_title_chars, bare=bare)
+        line = item_line(a, max_title_chars, bare=bare, short=short)
         if a.action == "rate" and a.value is not None:
             key = "high" if a.value >= 4 else "low" if a.value <= 2 else "mid"
             if key == "mid" and a.value != 3:
                 line += f" ({a.value:g})"
+            strength = -a.value if key == "high" else a.value
         else:
-            key = "other"
+            key, strength = "other", 0.0
             line += f" ({clean_text(a.action, 16)}" + (
                 f" {a.value:g})" if a.value is not None else ")")
-        groups[key].append(line)
+        groups[key].append((strength, line))
     headings = {"high": "Rated high (4-5)", "mid": "Rated 3", "low": "Rated low (1-2)",
                 "other": "Other activity"}
-    return [f"{headings[k]}: " + "; ".join(v) for k, v in groups.items() if v]
+    lines = []
+    for key, items in groups.items():
+        if not items:
+            continue
+        if not short:
+            lines.append(f"{headings[key]}: " + "; ".join(line for _, line in items))
+        elif key == "mid":
+            lines.append(f"Rated in the middle: {len(items)} not listed.")
+        else:
+            kept = sorted(items, key=lambda x: x[0])[:titles_per_group]  # stable: in order
+            more = len(items) - len(kept)
+            lines.append(f"{headings[key]}: " + "; ".join(line for _, line in kept)
+                         + (f"; and {more} more" if more else ""))
+    return lines
 
 
 # --- templates ------------------------------------------------------------------------------
@@ -258,39 +293,54 @@ def cascade_prompt(activities: Sequence[Activity], *, context: str | None,
                    max_context_chars: int = 600, template: str = TEMPLATE_VERSION) -> ChatPrompt:
     """UIL: the new partition plus the previous cascaded summary (or a collective one)."""
     _check(template)
-    if context and context_kind in _CONTEXT_HEADINGS:
-        head = f"{_CONTEXT_HEADINGS[context_kind]}: {clean_text(context, max_context_chars)}"
+    headings = _V5_HEADINGS if template == COMPACT_V5 else _CONTEXT_HEADINGS
+    if context and context_kind in headings:
+        head = f"{headings[context_kind]}: {clean_text(context, max_context_chars)}"
     else:
-        head = _NO_CONTEXT
+        head = _V5_NO_CONTEXT if template == COMPACT_V5 else _NO_CONTEXT
     if template == KAR_V2:
         body = "\n".join([head, "", f"New activity ({len(activities)} items):",
                           *grouped(activities, max_title_chars), "", FACTORS, CASCADE_TASK])
         return ChatPrompt(SYSTEM, body, CASCADE_LABELS, CASCADE_STARTERS, KAR_V2)
-    bare = template == COMPACT_V4
     body = "\n".join([head, f"New ratings ({len(activities)}):",
-                      *grouped(activities, max_title_chars, bare=bare), genre_line(activities),
-                      release_line(activities) if bare else ""])
-    return ChatPrompt(V4_SYSTEM if bare else V3_SYSTEM, body.rstrip(), V3_LABELS, V3_STARTERS,
-                      template, no_digits=True)
+                      *_compact_items(activities, activities, max_title_chars, template)])
+    return _compact(body, template, naive=False)
 
 
 def naive_prompt(earlier: Sequence[Activity], new: Sequence[Activity], *,
                  max_title_chars: int = 120, template: str = TEMPLATE_VERSION) -> ChatPrompt:
     """Baseline: the whole history again, no summary as context."""
     _check(template)
-    bare = template == COMPACT_V4
+    bare, short = template == COMPACT_V4, template == COMPACT_V5
     lines = [f"Earlier activity ({len(earlier)} items):",
-             *grouped(earlier, max_title_chars, bare=bare)] \
+             *grouped(earlier, max_title_chars, bare=bare, short=short)] \
         if earlier else ["Earlier activity: none."]
     if template == KAR_V2:
         body = "\n".join([*lines, "", f"New activity ({len(new)} items):",
                           *grouped(new, max_title_chars), "", FACTORS, NAIVE_TASK])
         return ChatPrompt(SYSTEM, body, CASCADE_LABELS, NAIVE_STARTERS, KAR_V2)
     body = "\n".join([*lines, f"New ratings ({len(new)}):",
-                      *grouped(new, max_title_chars, bare=bare), genre_line([*earlier, *new]),
-                      release_line([*earlier, *new]) if bare else ""])
-    return ChatPrompt(V4_NAIVE_SYSTEM if bare else V3_NAIVE_SYSTEM, body.rstrip(), V3_LABELS,
-                      V3_STARTERS, template, no_digits=True)
+                      *_compact_items(new, [*earlier, *new], max_title_chars, template)])
+    return _compact(body, template, naive=True)
+
+
+def _compact_items(new: Sequence[Activity], summed: Sequence[Activity], max_title_chars: int,
+                   template: str) -> list[str]:
+    """The compact templates' item lines: `new` grouped, genres (and years) of `summed`."""
+    bare, short = template == COMPACT_V4, template == COMPACT_V5
+    lines = [*grouped(new, max_title_chars, bare=bare, short=short,
+                      titles_per_group=V5_TITLES_PER_GROUP if short else None),
+             genre_line(summed)]
+    return [*lines, release_line(summed)] if bare or short else lines
+
+
+def _compact(body: str, template: str, *, naive: bool) -> ChatPrompt:
+    if template == COMPACT_V3:
+        system = V3_NAIVE_SYSTEM if naive else V3_SYSTEM
+    else:
+        system = V4_NAIVE_SYSTEM if naive else V4_SYSTEM
+    return ChatPrompt(system, body.rstrip(), V3_LABELS, V3_STARTERS, template, no_digits=True,
+                      no_quotes=template == COMPACT_V5)
 
 
 def fit_naive_prompt(earlier: Sequence[Activity], new: Sequence[Activity],

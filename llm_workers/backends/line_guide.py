@@ -33,7 +33,7 @@ class LineGuide:
         self.torch = torch
         self.eos_id = eos_id
         self.prompt_len = prompt_len
-        newline_ids, dirty_ids, blank_ids, digit_ids = _newline_tables(tokenizer)
+        newline_ids, dirty_ids, blank_ids, digit_ids, quote_ids = _newline_tables(tokenizer)
         self.newline = tokenizer.encode("\n", add_special_tokens=False)[0]
         # membership of any id the model may emit (the tokenizer may count more ids than logits)
         self.table_size = max(vocab_size, len(tokenizer), eos_id + 1)
@@ -46,6 +46,8 @@ class LineGuide:
         self.ban_break[eos_id] = True
         self.ban_digits = torch.zeros(vocab_size, dtype=torch.bool)
         self.ban_digits[[i for i in digit_ids if i < vocab_size]] = True
+        self.ban_quotes = torch.zeros(vocab_size, dtype=torch.bool)
+        self.ban_quotes[[i for i in quote_ids if i < vocab_size]] = True
         forced_rows, caps_rows = [], []
         for prompt in prompts:
             labels = prompt.structure
@@ -68,6 +70,7 @@ class LineGuide:
                 self.forced[r, f, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 self.forced_len[r, f] = len(ids)
         self.no_digits = torch.tensor([p.no_digits for p in prompts], dtype=torch.bool)
+        self.no_quotes = torch.tensor([p.no_quotes for p in prompts], dtype=torch.bool)
         self.field = torch.zeros(n, dtype=torch.long)
         self.count = torch.zeros(n, dtype=torch.long)    # visible tokens in the current field
         self.queued = torch.zeros(n, dtype=torch.long)   # forced label tokens still to come
@@ -77,6 +80,7 @@ class LineGuide:
         """Built on the CPU; a GPU model's scores bring everything to their device once."""
         for name in ("is_newline", "is_blank", "ban_dirty", "ban_break", "ban_digits", "n_caps",
                      "caps", "forced", "forced_len", "no_digits", "field", "count", "queued",
+                     "ban_quotes", "no_quotes",
                      "done"):
             setattr(self, name, getattr(self, name).to(device))
 
@@ -136,6 +140,8 @@ class LineGuide:
         rows[:, self.eos_id].masked_fill_(later & ~last, -torch.inf)
         rows.masked_fill_((free & self.no_digits).unsqueeze(1) & self.ban_digits[:width],
                           -torch.inf)
+        rows.masked_fill_((free & self.no_quotes).unsqueeze(1) & self.ban_quotes[:width],
+                          -torch.inf)
         # the forced token keeps its score (-inf made 0): rows not forced write back their own
         rows.scatter_(1, index, torch.where(forcing.unsqueeze(1), kept, rows.gather(1, index)))
         return scores
@@ -150,14 +156,14 @@ def _member(torch, ids, size: int):
 _TABLES: dict[int, tuple[set, set, set, set]] = {}
 
 
-def _newline_tables(tokenizer) -> tuple[set, set, set, set]:
+def _newline_tables(tokenizer) -> tuple[set, set, set, set, set]:
     """(pure line-break tokens, tokens mixing a line break with text, blank tokens, tokens
-    holding a digit)."""
+    holding a digit, tokens holding a double quote)."""
     key = id(tokenizer)
     if key not in _TABLES:
         ids = list(range(len(tokenizer)))
         texts = tokenizer.batch_decode([[i] for i in ids])
-        newline, dirty, blank, digits = set(), set(), set(), set()
+        newline, dirty, blank, digits, quotes = set(), set(), set(), set(), set()
         for i, text in zip(ids, texts):
             if "\n" in text or "\r" in text:
                 (newline if not text.strip() else dirty).add(i)
@@ -165,5 +171,7 @@ def _newline_tables(tokenizer) -> tuple[set, set, set, set]:
                 blank.add(i)
             if any(c.isdigit() for c in text):
                 digits.add(i)
-        _TABLES[key] = (newline, dirty, blank, digits)
+            if '"' in text:
+                quotes.add(i)
+        _TABLES[key] = (newline, dirty, blank, digits, quotes)
     return _TABLES[key]

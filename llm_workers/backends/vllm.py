@@ -56,7 +56,7 @@ def line_regex(prompt: ChatPrompt, max_new_tokens: int) -> str | None:
     budget = max(len(labels) * 2, max_new_tokens - sum(len(h) // CHARS_PER_TOKEN + 2 for h in heads))
     weights = prompt.line_weights()
     caps = [max(4, int(budget * w / sum(weights)) * CHARS_PER_TOKEN) for w in weights]
-    banned = "\\n0-9" if prompt.no_digits else "\\n"
+    banned = "\\n" + ("0-9" if prompt.no_digits else "") + ('"' if prompt.no_quotes else "")
 
     def line(cap):   # a visible character first: a blank line would not parse
         return f"[ ]?[^ {banned}][^{banned}]{{0,{cap}}}"

@@ -54,7 +54,7 @@ _GENRE_LINE = re.compile(r"(?:Liked|Disliked) genres: ([^.\n]+)\.")
 
 def prompt_genres(text: str) -> list[list[str]]:
     """The genres a UIL prompt carries, one list per item: the `[Genre|Genre]` of each item
-    (uil-kar-v2, uil-compact-v3), or, where titles are bare (uil-compact-v4), the genre line's
+    (uil-kar-v2, uil-compact-v3), or, where titles are bare (uil-compact-v4, v5), the genre line's
     lists, most frequent first without counts: the rank stands in for the count (the first of
     n genres counts n times, the last once)."""
     groups = [[g.strip() for g in m.group(1).split("|") if g.strip()]

@@ -20,7 +20,7 @@ def test_configurations_start_from_the_old_default_and_share_the_partitions(data
     assert changes["llm_template"] == "uil-kar-v2" and changes["llm_dtype"] == "float32"
     assert (batch, tokens) == (8, 160) and changes["llm_no_repeat_ngram"] == 0
     assert all(c[0]["llm_template"] == f"uil-compact-{n[-2:]}" for n, c in configs.items()
-               if n.endswith(("_v3", "_v4")))
+               if n.endswith(("_v4", "_v5")))
     # `default` is the settings' own configuration, decided for this machine
     chosen = backends.resolve(settings)
     changes, batch, tokens = configs["default"]
@@ -55,12 +55,12 @@ def test_summaries_benchmark_reports_the_quality_figures(data):
 
 def test_stream_mix_counts_every_partition_with_and_without_the_floor():
     settings = base_settings()
-    mix = bench_llm.stream_mix(settings, {"uil-compact-v4": 50.0, "uil-kar-v2": 100.0}, users=20)
+    mix = bench_llm.stream_mix(settings, {"uil-compact-v5": 50.0, "uil-kar-v2": 100.0}, users=20)
     floor, no_floor = mix["floor"], mix["no_floor"]
     assert floor["min_gap_events"] == settings.min_gap_events > 1 == no_floor["min_gap_events"]
     # the floor leaves fewer, larger partitions of the same events
     assert floor["partitions"] < no_floor["partitions"]
     assert floor["events_per_partition"] > no_floor["events_per_partition"]
     for row in (floor, no_floor):
-        assert row["uil-compact-v4"] < row["uil-kar-v2"]
-    assert floor["uil-compact-v4"] < no_floor["uil-compact-v4"]
+        assert row["uil-compact-v5"] < row["uil-kar-v2"]
+    assert floor["uil-compact-v5"] < no_floor["uil-compact-v5"]

@@ -182,19 +182,57 @@ def test_v4_items_are_bare_titles_with_genres_and_decades_summed_up():
                                 template=prompts.COMPACT_V3)
     assert '"Game, The (1997)" [Mystery|Thriller]' in v3.user and "Released" not in v3.user
     assert v3.sha256() != v4.sha256()
-    # the default; the same two lines asked in fewer words, still the same for every prompt
-    assert prompts.TEMPLATE_VERSION == prompts.COMPACT_V4 == prompts.cascade_prompt(
-        acts[:1], context="x", context_kind=prompts.CONTEXT_PREVIOUS).version
+    # the same two lines asked in fewer words, still the same for every prompt
     assert len(v4.system) < 0.85 * len(v3.system) and "never titles" in v4.system
     assert v4.system == prompts.cascade_prompt(acts[1:], context="Enjoys crime.",
                                                context_kind=prompts.CONTEXT_PREVIOUS,
                                                template=prompts.COMPACT_V4).system
 
 
+def test_v5_lists_the_strongest_titles_and_counts_the_middling_ones():
+    acts = [Activity(f"Liked {i} (1990) [Drama]", "rate", 4.0) for i in range(9)]
+    acts += [Activity("Seven (Se7en) (1995) [Crime|Thriller]", "rate", 5.0),
+             Activity("Jaws (1975) [Action|Horror]", "rate", 3.0),
+             Activity("Alien (1979) [Horror]", "rate", 3.5),
+             Activity("Psycho (1960) [Horror|Thriller]", "rate", 1.0)]
+    v5 = prompts.cascade_prompt(acts, context=None, context_kind=prompts.CONTEXT_NONE)
+    assert prompts.TEMPLATE_VERSION == prompts.COMPACT_V5 == v5.version  # the default
+    assert v5.user.startswith("Previous profile: none.\nNew ratings (13):")
+    # the 5 first, then the 4s in their order; 10 titles rated high, 8 listed
+    high = ('Rated high (4-5): "Seven"; ' + "; ".join(f'"Liked {i}"' for i in range(7))
+            + "; and 2 more")
+    assert high in v5.user
+    assert "Rated in the middle: 2 not listed." in v5.user
+    assert "Jaws" not in v5.user and "Alien" not in v5.user and "Se7en" not in v5.user
+    assert 'Rated low (1-2): "Psycho"' in v5.user
+    # the genre line counts every item rated high or low, the release line every item
+    assert "Liked genres: Drama, Crime, Thriller. Disliked genres: Horror, Thriller." in v5.user
+    assert v5.user.endswith("Released mostly in the 1990s, also the 1970s, the 1960s.")
+    assert v5.no_digits and v5.no_quotes and v5.system == prompts.V4_SYSTEM
+    previous = prompts.cascade_prompt(acts, context="Enjoys crime.",
+                                      context_kind=prompts.CONTEXT_PREVIOUS)
+    assert previous.user.startswith("Previous profile: Enjoys crime.\n")
+    v4 = prompts.cascade_prompt(acts, context=None, context_kind=prompts.CONTEXT_NONE,
+                                template=prompts.COMPACT_V4)
+    assert not v4.no_quotes and '"Jaws"' in v4.user and "Se7en" in v4.user
+    naive = prompts.naive_prompt(acts[:10], acts[10:])
+    assert naive.version == prompts.COMPACT_V5 and naive.no_quotes
+    assert "Earlier activity (10 items):" in naive.user and '"Psycho"' in naive.user
+
+
+def test_the_settings_know_every_template():
+    from core import settings
+    assert set(settings.TEMPLATES) == set(prompts.TEMPLATES)
+    assert settings.Settings.load().llm_template == prompts.TEMPLATE_VERSION
+
+
 def test_bare_title_and_release_line_edges():
     assert prompts.bare_title("Bug's Life, A (1998)") == "A Bug's Life"
     assert prompts.bare_title("Murder at 1600 (1997)") == "Murder at 1600"
     assert prompts.bare_title("No year here") == "No year here"
+    assert prompts.bare_title("City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+                              alternative=False) == "The City of Lost Children"
+    assert prompts.bare_title("Seven (Se7en) (1995)") == "Seven (Se7en)"
     assert prompts.release_line([Activity("Untitled [Drama]")]) == ""
     naive = prompts.naive_prompt([Activity("Heat (1995) [Action]", "rate", 4.0)],
                                  [Activity("Alien (1979) [Horror]", "rate", 2.0)],

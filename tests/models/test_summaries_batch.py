@@ -63,7 +63,7 @@ def test_cascade_prompt_carries_the_previous_profile(tmp_path, backend):
                                  cache=SummaryCache(tmp_path / "c.sqlite"))
     out, _ = summariser.run({"7": PARTS["7"]}, "cascade")
     first, second = seen[0][0], seen[1][0]
-    assert prompts._NO_CONTEXT in first.user
+    assert first.user.startswith("Previous profile: none")   # a new user: no context
     assert out["7"][0] is not None
     assert prompts.clean_text(out["7"][0].cascaded_summary, 600)[:40] in second.user
     naive_out, naive_stats = summariser.run({"7": PARTS["7"]}, "naive")

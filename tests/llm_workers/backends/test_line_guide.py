@@ -6,8 +6,8 @@ import torch
 from llm_workers.backends import LineGuide
 from llm_workers.prompts import ChatPrompt
 
-VOCAB = ["<eos>", "\n", " ", "A", "B", ":", "x", "7", "x\ny"]
-EOS, NL, X, DIGIT, DIRTY = 0, 1, 6, 7, 8
+VOCAB = ["<eos>", "\n", " ", "A", "B", ":", "x", "7", "x\ny", '"']
+EOS, NL, X, DIGIT, DIRTY, QUOTE = 0, 1, 6, 7, 8, 9
 
 
 class ToyTokenizer:
@@ -57,3 +57,14 @@ def test_a_full_field_is_ended_for_the_model():
         _allowed(guide, ids)
         ids = [ids[0] + [X]]
     assert _allowed(guide, ids) == [{NL}]
+
+
+def test_no_quotes_bans_the_quote_in_that_row_only():
+    quiet = ChatPrompt("", "u", structure=("A", "B"), no_quotes=True)
+    free = ChatPrompt("", "u", structure=("A", "B"))
+    guide = LineGuide(ToyTokenizer(), [quiet, free], 40, EOS, prompt_len=1,
+                      vocab_size=len(VOCAB))
+    ids = [[X, X], [X, X]]   # one visible token into the first field
+    quiet_allowed, free_allowed = _allowed(guide, ids)
+    assert QUOTE not in quiet_allowed and X in quiet_allowed and DIGIT in quiet_allowed
+    assert QUOTE in free_allowed

@@ -15,12 +15,28 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is installed by ops/setup.sh (LIBER_SETUP_VLLM=0 skips)")
 
 from llm_workers import backends, model_store, prompts  # noqa: E402
+from llm_workers.backends import vllm  # noqa: E402
 from llm_workers.dare import vllm_proposer, vllm_relaxed  # noqa: E402
 from llm_workers.prompts import Activity  # noqa: E402
 from tests.conftest import base_settings  # noqa: E402
 
 DRAMA = [Activity(f"Movie {i} (1990) [Drama|Romance]", "rate", 1.0 + i % 5) for i in range(6)]
 COUNTING = "Count from one to thirty in words, separated by commas."
+
+
+def test_the_line_regex_keeps_digits_and_quotes_out_where_asked():
+    import re
+    v5 = prompts.cascade_prompt(DRAMA, context=None, context_kind=prompts.CONTEXT_NONE)
+    v4 = prompts.cascade_prompt(DRAMA, context=None, context_kind=prompts.CONTEXT_NONE,
+                                template=prompts.COMPACT_V4)
+    good = " drama and romance.\nPROFILE: Enjoys slow love stories."
+    for prompt in (v4, v5):
+        pattern = re.compile(vllm.line_regex(prompt, 64))
+        assert pattern.fullmatch(good)
+        assert not pattern.fullmatch(" drama from the 1990s.\nPROFILE: Enjoys romance.")
+    quoted = ' "Titanic" and romance.\nPROFILE: Enjoys romance.'
+    assert re.fullmatch(vllm.line_regex(v4, 64), quoted)
+    assert not re.fullmatch(vllm.line_regex(v5, 64), quoted)
 
 
 @pytest.fixture(scope="module")
