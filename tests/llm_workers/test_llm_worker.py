@@ -206,7 +206,8 @@ def test_naive_mode_resummarises_the_stored_history(settings, start_worker):
     store = Store(settings.state_path / "llm-worker")
     try:
         assert len(store.history("v")) == 5
-        assert '"Heat"; "Casino"' in store.last_prompt("v")["user"]  # v4: bare titles
+        # bare titles, the strongest ratings first (Heat 5, Se7en 5, Casino 4)
+        assert '"Heat"; "Se7en"; "Casino"' in store.last_prompt("v")["user"]
     finally:
         store.close()
 
