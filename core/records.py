@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import msgspec
+
 ACTIONS = frozenset({"rate", "click", "view", "play", "purchase", "like", "skip"})
 MAX_ID_LEN = 256
 MAX_TEXT_LEN = 2048
@@ -165,9 +167,15 @@ def decode(cls: type[Record], raw: bytes | None, *, key: bytes | None = None,
     return record
 
 
+_encode_json = msgspec.json.Encoder().encode
+
+
 def _dumps(data: dict) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+    """A closed partition's JSON, at the stream's rate: msgspec writes the bytes of
+    `json.dumps(ensure_ascii=False, separators=(",", ":"))` (a float's exponent may be
+    shorter: 1e16 for 1e+16) about five times faster. It would write NaN as null, and a
+    partition holds none: its events' times and values were checked finite on the way in."""
+    return _encode_json(data)
 
 
 def _json_cost(char: str) -> int:

@@ -115,11 +115,14 @@ class BulkLane:
             seen_in, newest = self._newest.get(tp, (generation, -1))
             if seen_in != generation:
                 newest = -1
-            for record in head:
-                if record.offset <= newest:
-                    batch.copies += 1
-                else:
-                    batch.events.append(LaneEvent(record))
+            if head[0].offset > newest:  # the common case: no copies, offsets ascend
+                batch.events.extend(map(LaneEvent, head))
+            else:
+                for record in head:
+                    if record.offset <= newest:
+                        batch.copies += 1
+                    else:
+                        batch.events.append(LaneEvent(record))
             # acked from the offset after the last one handed out: offsets between two fetches
             # hold no record of ours (control records), and Faust commits only up to a gap
             first = head[0].offset if newest < 0 else min(head[0].offset, newest + 1)

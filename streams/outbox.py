@@ -112,10 +112,15 @@ class Outbox:
         are never committed; a restart redoes the batch)."""
         pending = self.pending
         taken = pending[:]
-        results = await asyncio.gather(
-            *(p.future if isinstance(p, Outgoing) else p for p in taken), return_exceptions=True)
-        for entry, result in zip(taken, results):
-            if not isinstance(result, BaseException):
+        for entry in taken:
+            future = entry.future if isinstance(entry, Outgoing) else entry
+            if not future.done():
+                # Waited one by one, not gathered: when a record's ack comes, those sent with
+                # it in the same request are done too, so this costs one wake-up per request
+                # where a gather ran a callback per record.
+                await asyncio.wait((future,))
+            result = asyncio.CancelledError() if future.cancelled() else future.exception()
+            if result is None:
                 continue
             if isinstance(entry, Outgoing):
                 await self.write_anyway(entry, result)

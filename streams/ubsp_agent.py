@@ -214,5 +214,8 @@ class UbspAgent:
 
 
 def _copy(state: ubsp.UserState) -> ubsp.UserState:
-    """A copy whose lists can change without changing the original's (rows are immutable)."""
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
+    """A copy whose lists can change without changing the original's (rows are immutable);
+    the state's only lists are its cache and its recent ids (ubsp.UserState)."""
+    copy = state.copy()
+    copy["events"], copy["recent"] = state["events"][:], state["recent"][:]
+    return copy

@@ -44,6 +44,15 @@ def test_duplicates_are_counted_once_even_after_close():
     assert [ids(p) for p in closed] == [["a", "b", "c"]]
 
 
+def test_a_cache_longer_than_the_dedup_window_still_finds_its_duplicates():
+    rules = CloseRules(max_events=10, max_gap_s=100.0, max_span_s=1000.0, dedup_window=2,
+                       min_gap_events=1)
+    state = new_state()
+    outcomes, closed = feed(state, [("a", 0), ("b", 1), ("c", 2), ("a", 3), ("c", 4)], rules)
+    assert state["recent"] == ["b", "c"]  # "a" left the window but is still in the cache
+    assert outcomes == [ACCEPTED, ACCEPTED, ACCEPTED, DUPLICATE, DUPLICATE] and not closed
+
+
 def test_lateness_within_bound_joins_in_time_order_beyond_is_late():
     state = new_state()
     outcomes, closed = feed(state, [("a", 100), ("b", 200), ("c", 170), ("d", 100)])
