@@ -147,9 +147,10 @@ def run(settings: Settings) -> None:
     if discard_unclean_state(table_dir):
         log.warning("unclean shutdown before: local RocksDB state in %s discarded, "
                     "recovering it from the changelog", table_dir)
-    # The worker allocates a few objects per event and frees them a batch later; at Python's
-    # default gen-0 threshold (700) the collector ran every few hundred events and scanned
-    # the app's long-lived objects each time. Freeze what start-up made, collect less often.
+    # The worker allocates a few objects per event and frees them a batch later: at Python's
+    # default thresholds (700, 10, 10) the collector ran every few hundred events and its
+    # older generations kept rescanning the app's long-lived objects. Freeze what start-up
+    # made and collect less often (1.05x to 1.2x events/s, docs/benchmarks.md).
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
